@@ -1,0 +1,136 @@
+"""Variance-preserving diffusion over positions and atom types with zero-center-of-mass noise.
+
+Hoogeboom, Satorras, Vignac & Welling, "Equivariant Diffusion for Molecule Generation in 3D"
+(EDM), ICML 2022:
+
+* state per atom ``[x, h]``: positions ``x`` in Å (unscaled) and ``h = [one_hot(type) / 4, Z / 10]``
+  (EDM's ``normalize_factors = [1, 4, 10]``);
+* forward process (EDM eq. 2): ``z_t = alpha_t [x, h] + sigma_t eps`` with ``alpha_t^2 + sigma_t^2 = 1``;
+  the position part of ``eps`` lives in the zero-center-of-mass subspace of each molecule (EDM Sec. 3.2);
+* the network predicts ``eps``; its position output is projected to zero center of mass, which makes the
+  model's density translation invariant (EDM eq. 9);
+* training loss: plain L2 between ``eps`` and ``eps_hat``, averaged over atoms and features of each
+  molecule and over molecules, ``t ~ U(0, 1)`` (EDM Alg. 1, continuous time).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.utils import scatter
+
+from diffgen.data.elements import NUM_TYPES, index_to_z, z_to_index
+from diffgen.data.graphs import build_edges
+from diffgen.diffusion.schedules import NoiseSchedule, alpha, sigma
+
+ONE_HOT_SCALE = 4.0  # EDM: one-hot types divided by 4
+CHARGE_SCALE = 10.0  # EDM: atomic numbers divided by 10
+N_FEATURES = NUM_TYPES + 1  # one-hot (5) + scaled Z (1)
+
+
+def remove_mean(pos: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Project ``pos`` ``[N, 3]`` onto the zero-center-of-mass subspace of each graph in ``batch`` ``[N]``."""
+    mean = scatter(pos, batch, dim=0, reduce="mean")
+    return pos - mean[batch]
+
+
+def com_free_noise(batch: torch.Tensor, generator: torch.Generator | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard Gaussian noise ``[N, 3]`` projected to zero center of mass per graph (EDM Sec. 3.2)."""
+    noise = torch.randn(batch.numel(), 3, generator=generator, dtype=dtype, device=batch.device)
+    return remove_mean(noise, batch)
+
+
+def encode_types(z: torch.Tensor) -> torch.Tensor:
+    """Atomic numbers ``[N]`` -> scaled type features ``h`` ``[N, 6]`` = ``[one_hot / 4, Z / 10]``.
+
+    Raises:
+        DiffgenError: for elements other than H, C, N, O, F.
+    """
+    one_hot = torch.nn.functional.one_hot(z_to_index(z), NUM_TYPES).float()
+    return torch.cat([one_hot / ONE_HOT_SCALE, z.float().unsqueeze(-1) / CHARGE_SCALE], dim=-1)
+
+
+def decode_types(h: torch.Tensor) -> torch.Tensor:
+    """Scaled features ``[N, 6]`` -> atomic numbers ``[N]`` by argmax of the one-hot part (EDM)."""
+    return index_to_z(h[:, :NUM_TYPES].argmax(dim=-1))
+
+
+class Denoiser(nn.Module):
+    """Wraps an equivariant backbone into ``eps_theta(z_t, t)`` (EDM's ``EGNN_dynamics``).
+
+    The time ``t`` is appended to every atom's features; the predicted position noise is the
+    backbone's coordinate displacement ``pos_out - pos_t`` projected to zero center of mass; the
+    predicted feature noise is the backbone's invariant output.
+
+    Args:
+        backbone: module ``(h [N, N_FEATURES + 1], pos [N, 3], edge_index) -> (h [N, N_FEATURES], pos [N, 3])``.
+        graph: ``"full"`` (default), ``"radius"`` or ``"knn"``; see :mod:`diffgen.data.graphs`.
+        cutoff, k: graph parameters for radius / knn.
+    """
+
+    def __init__(self, backbone: nn.Module, graph: str = "full", cutoff: float | None = None, k: int | None = None):
+        super().__init__()
+        self.backbone, self.graph, self.cutoff, self.k = backbone, graph, cutoff, k
+
+    def forward(self, pos_t: torch.Tensor, h_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor,
+                edge_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pos_t [N, 3]``, ``h_t [N, 6]``, ``t [B]`` in [0, 1], ``batch [N]`` -> ``(eps_pos [N, 3], eps_h [N, 6])``."""
+        if edge_index is None:
+            edge_index = build_edges(pos_t, batch, self.graph, self.cutoff, self.k)
+        h_in = torch.cat([h_t, t[batch].unsqueeze(-1).to(h_t.dtype)], dim=-1)
+        h_out, pos_out = self.backbone(h_in, pos_t, edge_index)
+        eps_pos = remove_mean(pos_out - pos_t, batch)
+        return eps_pos, h_out
+
+
+class VPDiffusion(nn.Module):
+    """The EDM diffusion process around a :class:`Denoiser`.
+
+    Args:
+        denoiser: the noise-prediction network.
+        schedule: :class:`NoiseSchedule` (default EDM polynomial_2 with s = 1e-5).
+    """
+
+    def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.schedule = schedule if schedule is not None else NoiseSchedule()
+
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        """``gamma(t) = -log_snr(t)`` for ``t`` in [0, 1] (any shape)."""
+        return self.schedule.gamma(t)
+
+    def noise(self, pos: torch.Tensor, h: torch.Tensor, t: torch.Tensor, batch: torch.Tensor,
+              generator: torch.Generator | None = None):
+        """Sample ``q(z_t | x)`` (EDM eq. 2).
+
+        Args:
+            pos ``[N, 3]`` zero-CoM positions (Å); h ``[N, 6]`` scaled types; t ``[B]``; batch ``[N]``.
+
+        Returns:
+            ``(pos_t, h_t, eps_pos, eps_h)``, each with the shape of its input; ``eps_pos`` is zero-CoM.
+        """
+        g = self.gamma(t)[batch].unsqueeze(-1)
+        a, s = alpha(g), sigma(g)
+        eps_pos = com_free_noise(batch, generator, pos.dtype)
+        eps_h = torch.randn(h.shape, generator=generator, dtype=h.dtype, device=h.device)
+        return a * pos + s * eps_pos, a * h + s * eps_h, eps_pos, eps_h
+
+    def loss(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, t: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean squared eps-prediction error (EDM Alg. 1), a scalar.
+
+        Args:
+            pos ``[N, 3]`` positions in Å (centred here); z ``[N]`` atomic numbers; batch ``[N]``;
+            t ``[B]`` optional times in [0, 1] (default ``U(0, 1)``).
+        """
+        n_graphs = int(batch.max()) + 1 if batch.numel() else 0
+        if t is None:
+            t = torch.rand(n_graphs, generator=generator, device=pos.device)
+        pos = remove_mean(pos, batch)
+        h = encode_types(z)
+        pos_t, h_t, eps_pos, eps_h = self.noise(pos, h, t, batch, generator)
+        pred_pos, pred_h = self.denoiser(pos_t, h_t, t, batch)
+        err = (pred_pos - eps_pos).pow(2).sum(-1) + (pred_h - eps_h).pow(2).sum(-1)  # [N]
+        per_graph = scatter(err, batch, dim=0, dim_size=n_graphs, reduce="mean") / (3 + N_FEATURES)
+        return per_graph.mean()

@@ -115,3 +115,26 @@ def train_generation(cfg: Config) -> GenerationTask:
     trainer = make_trainer(cfg.trainer)
     trainer.fit(task, datamodule=dm, ckpt_path=resume_path(cfg.trainer))
     return task
+
+
+def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = 1000,
+                     batch_size: int = 100, seed: int = 0, progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Draw ``n`` molecules: atom counts from ``node_dist``, then the ancestral sampler in batches.
+
+    Deterministic for a given ``(seed, batch_size)``. ``progress`` is called with 1 per network evaluation.
+
+    Returns:
+        list of ``(z [n_i], pos [n_i, 3] Å)``.
+
+    Raises:
+        ValueError: ``n < 1``, ``steps < 1`` or ``batch_size < 1``.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError("n and batch_size must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    n_atoms = node_dist.sample(n, gen)
+    molecules = []
+    for chunk in n_atoms.split(batch_size):
+        out = ancestral_sample(diffusion, chunk, steps=steps, generator=gen, progress=progress)
+        molecules.extend(out.molecules())
+    return molecules

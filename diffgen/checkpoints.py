@@ -1,0 +1,120 @@
+"""Generator checkpoints: Lightning ``.ckpt`` files from training and shipped ``.safetensors`` weights.
+
+A shipped checkpoint is a safetensors file of the EMA weights of a :class:`~diffgen.diffusion.vp.VPDiffusion`
+(fp16 by default, loaded back as fp32) whose metadata carries the training config and the
+training atom-count histogram, so sampling needs neither the dataset nor the training run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffgen.config import Config, config_from_dict
+from diffgen.diffusion.samplers import NodeCountDistribution
+from diffgen.diffusion.vp import VPDiffusion
+from diffgen.errors import DiffgenError
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_CHECKPOINT = PRETRAINED_DIR / "qm9_egnn.safetensors"
+_FORMAT = "diffgen-generator-v1"
+
+
+@dataclass
+class Generator:
+    """A loaded generator: the diffusion process (eval mode), its atom-count prior and its config."""
+
+    diffusion: VPDiffusion
+    node_dist: NodeCountDistribution
+    config: Config
+    source: Path
+
+
+def _ema_state_from_lightning(ckpt: dict) -> dict[str, torch.Tensor]:
+    state = ckpt["state_dict"]
+    prefix = "ema.module."
+    ema = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not ema:  # no EMA stored: fall back to the raw weights
+        ema = {k[len("diffusion."):]: v for k, v in state.items() if k.startswith("diffusion.")}
+    return ema
+
+
+def _read_lightning(path: Path) -> tuple[dict, list[int], dict[str, torch.Tensor]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hp = ckpt["hyper_parameters"]
+        return hp["config"], list(hp["node_histogram"]), _ema_state_from_lightning(ckpt)
+    except (KeyError, TypeError) as exc:
+        raise DiffgenError(f"{path} is not a diffgen generator checkpoint (missing {exc})") from None
+    except Exception as exc:  # torch raises many types on corrupt files
+        raise DiffgenError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict, list[int], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise DiffgenError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
+    if meta.get("format") != _FORMAT:
+        raise DiffgenError(f"{path} is not a diffgen generator checkpoint (metadata format {meta.get('format')!r})")
+    return json.loads(meta["config"]), json.loads(meta["node_histogram"]), state
+
+
+def load_generator(path: str | Path | None = None, device: str | torch.device = "cpu") -> Generator:
+    """Load a generator from a ``.safetensors`` export or a Lightning ``.ckpt`` (EMA weights are used).
+
+    Args:
+        path: checkpoint file; None -> the weights shipped with diffgen (:data:`DEFAULT_CHECKPOINT`).
+        device: where to put the model.
+
+    Raises:
+        DiffgenError: missing file, unreadable/corrupt file, or weights that do not fit the stored config.
+    """
+    from diffgen.tasks.generation import build_diffusion
+
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        hint = " (the shipped weights are missing from this installation)" if path == DEFAULT_CHECKPOINT else ""
+        raise DiffgenError(f"checkpoint not found: {path}{hint}")
+    if path.suffix == ".safetensors":
+        cfg_dict, hist, state = _read_safetensors(path)
+    else:
+        cfg_dict, hist, state = _read_lightning(path)
+    cfg = config_from_dict(cfg_dict)
+    diffusion = build_diffusion(cfg)
+    try:
+        diffusion.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise DiffgenError(f"checkpoint {path} does not match its config: {str(exc).splitlines()[0][:200]}") from None
+    return Generator(diffusion.to(device).eval(), NodeCountDistribution(hist), cfg, path)
+
+
+def export_generator(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float16,
+                     overwrite: bool = False) -> Path:
+    """Write the EMA weights of a training checkpoint as safetensors (+ a YAML of its config beside it).
+
+    Raises:
+        DiffgenError: unreadable checkpoint, or ``out_path`` exists and ``overwrite`` is False.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise DiffgenError(f"{out_path} exists; pass overwrite to replace it")
+    cfg_dict, hist, state = _read_lightning(Path(ckpt_path))
+    config_from_dict(cfg_dict)  # validate
+    tensors = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+    meta = {"format": _FORMAT, "config": json.dumps(cfg_dict), "node_histogram": json.dumps(hist)}
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out_path)
+    out_path.with_suffix(".yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    return out_path

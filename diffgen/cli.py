@@ -1,0 +1,232 @@
+"""The ``diffgen`` command line (Typer). Thin: parses, calls the tasks, prints tables.
+
+User errors (:class:`~diffgen.errors.DiffgenError`) end in a one-line ``error: ...`` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffgen.errors import DiffgenError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Equivariant diffusion models for 3D molecules (EDM recipe on QM9).")
+console = Console(stderr=True)
+out_console = Console()
+
+_METRIC_ROWS = [
+    ("atom_stability", "atom stability", True),
+    ("mol_stability", "mol stability", True),
+    ("validity", "validity", True),
+    ("uniqueness", "uniqueness", True),
+    ("valid_unique", "valid & unique", True),
+    ("novelty", "novelty", True),
+    ("n_molecules", "molecules", False),
+    ("n_atoms", "atoms", False),
+]
+
+
+def _metrics_table(metrics: dict, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label, percent in _METRIC_ROWS:
+        value = metrics.get(key)
+        if value is None:
+            text = "n/a"
+        elif percent:
+            text = f"{100 * value:.2f} %"
+        else:
+            text = str(value)
+        table.add_row(label, text)
+    return table
+
+
+def _reference(novelty: Optional[bool]):
+    """Training SMILES for novelty: built if asked (True), read if cached (None), skipped (False)."""
+    if novelty is False:
+        return None
+    from diffgen.eval.reference import training_smiles
+
+    ref = training_smiles(build=bool(novelty))
+    if ref is None:
+        console.print("[dim]novelty: n/a until the QM9 reference is cached: run `diffgen evaluate --dataset qm9 "
+                      "--split train` once, or pass --novelty[/dim]")
+    return ref
+
+
+def _new_out_dir(out: Optional[Path]) -> Path:
+    if out is None:
+        out = Path("diffgen_samples") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        k = 1
+        base = out
+        while out.exists():
+            k += 1
+            out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+@app.command()
+def sample(
+    n: int = typer.Option(100, "--n", help="Number of molecules."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Generator weights (.safetensors or Lightning .ckpt); default: shipped."),
+    steps: int = typer.Option(1000, help="Denoising steps (network evaluations per molecule)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same molecules."),
+    batch_size: int = typer.Option(100, help="Molecules per network call."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: a new diffgen_samples/<time> folder)."),
+    overwrite: bool = typer.Option(False, help="Replace samples.sdf/samples.xyz if they exist in --out."),
+    novelty: Optional[bool] = typer.Option(None, "--novelty/--no-novelty",
+                                           help="Novelty vs QM9 train (default: only if its reference is cached)."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+):
+    """Generate 3D molecules, write SDF + XYZ, and print their EDM quality metrics."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from diffgen.checkpoints import load_generator
+    from diffgen.eval.chem import GenerationMetrics
+    from diffgen.io import ensure_new, write_sdf, write_xyz
+    from diffgen.tasks.generation import sample_molecules
+
+    if n <= 0:
+        raise DiffgenError(f"--n must be a positive number of molecules, got {n}")
+    if steps <= 0:
+        raise DiffgenError(f"--steps must be positive, got {steps}")
+    if batch_size <= 0:
+        raise DiffgenError(f"--batch-size must be positive, got {batch_size}")
+    out_dir = _new_out_dir(out)
+    sdf_path, xyz_path = out_dir / "samples.sdf", out_dir / "samples.xyz"
+    if not overwrite:
+        for p in (sdf_path, xyz_path):
+            ensure_new(p)
+    gen = load_generator(checkpoint, device=device)
+    ref = _reference(novelty)
+    n_calls = steps * ((n + batch_size - 1) // batch_size)
+    start = time.perf_counter()
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(f"sampling {n} molecules x {steps} steps", total=n_calls)
+        molecules = sample_molecules(gen.diffusion, gen.node_dist, n, steps=steps, batch_size=batch_size, seed=seed,
+                                     progress=lambda k: bar.advance(task, k))
+    seconds = time.perf_counter() - start
+    metrics = GenerationMetrics(reference_smiles=ref)
+    metrics.update(molecules)
+    result = metrics.compute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    props = [{"smiles": r.get("smiles"), "mol_stable": int(bool(r.get("mol_stable")))} for r in metrics.per_molecule()]
+    write_sdf(sdf_path, molecules, props=props)
+    write_xyz(xyz_path, molecules, comments=[f"diffgen sample {i} seed={seed}" for i in range(len(molecules))])
+    result.update(seconds=round(seconds, 2), steps=steps, seed=seed, checkpoint=str(gen.source))
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    table = _metrics_table(result, f"{n} molecules, {steps} steps")
+    table.caption = f"sampled in {seconds:.1f} s on {device}"
+    out_console.print(table)
+    out_console.print(f"wrote {sdf_path} and {xyz_path}")
+
+
+@app.command()
+def evaluate(
+    file: Optional[Path] = typer.Argument(None, help="Molecules to score: .sdf or .xyz (3D coordinates)."),
+    dataset: Optional[str] = typer.Option(None, help="Score a dataset instead of a file: qm9."),
+    split: str = typer.Option("train", help="Dataset split: train, valid or test."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first LIMIT molecules of the dataset."),
+    novelty: Optional[bool] = typer.Option(None, "--novelty/--no-novelty",
+                                           help="Novelty vs QM9 train (default: only if its reference is cached)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+):
+    """EDM metrics (atom/mol stability, validity, uniqueness, novelty) of a file or of QM9 itself."""
+    from diffgen.eval.chem import GenerationMetrics
+
+    if (file is None) == (dataset is None):
+        raise DiffgenError("give either a FILE or --dataset qm9")
+    if limit is not None and limit <= 0:
+        raise DiffgenError(f"--limit must be positive, got {limit}")
+    if dataset is not None:
+        if dataset.lower() != "qm9":
+            raise DiffgenError(f"unknown dataset {dataset!r}: only qm9 is available")
+        from diffgen.data.qm9 import QM9
+        from diffgen.eval.reference import training_smiles
+
+        ds = QM9(split=split)
+        n = len(ds) if limit is None else min(limit, len(ds))
+        molecules = [(ds[i].z, ds[i].pos) for i in range(n)]
+        title = f"QM9 {split} ({n} molecules)"
+        # evaluating the full train split builds the novelty reference as a side effect
+        ref = training_smiles(build=True) if (split == "train" and limit is None and novelty is not False) \
+            else _reference(novelty)
+    else:
+        from diffgen.io import read_molecules
+
+        molecules = read_molecules(file)
+        title = f"{file} ({len(molecules)} molecules)"
+        ref = _reference(novelty)
+    metrics = GenerationMetrics(reference_smiles=ref)
+    metrics.update(molecules)
+    result = metrics.compute()
+    out_console.print(_metrics_table(result, title))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("configs/qm9_egnn.yaml"), help="YAML config."),
+    accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
+    devices: Optional[str] = typer.Option(None, help="Number of devices or 'auto' (several GPUs use DDP)."),
+    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
+):
+    """Train the generator. Extra arguments are config overrides: section.key=value (e.g. model.hidden=128)."""
+    from diffgen.config import load_config
+    from diffgen.tasks.generation import train_generation
+
+    overrides = list(ctx.args)
+    if accelerator:
+        overrides.append(f"trainer.accelerator={accelerator}")
+    if devices:
+        overrides.append(f"trainer.devices={devices}")
+    if out_dir:
+        overrides.append(f"trainer.out_dir={out_dir}")
+    cfg = load_config(config, overrides)
+    train_generation(cfg)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen train`."),
+    out: Path = typer.Argument(..., help="Output .safetensors (EMA weights; config YAML written beside it)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    bf16: bool = typer.Option(False, help="Store bf16 instead of fp16."),
+):
+    """Export the EMA weights of a training checkpoint to a small safetensors file."""
+    import torch
+
+    from diffgen.checkpoints import export_generator
+
+    if out.suffix != ".safetensors":
+        raise DiffgenError("OUT must end in .safetensors")
+    path = export_generator(checkpoint, out, dtype=torch.bfloat16 if bf16 else torch.float16, overwrite=overwrite)
+    out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def main() -> None:
+    """Console-script entry point: runs the app, turning user errors into one-line messages."""
+    try:
+        app()
+    except DiffgenError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted", markup=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -101,6 +101,11 @@ def sample(
         raise DiffgenError(f"--steps must be positive, got {steps}")
     if batch_size <= 0:
         raise DiffgenError(f"--batch-size must be positive, got {batch_size}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DiffgenError(f"--device {device} requested but no CUDA GPU is available")
     out_dir = _new_out_dir(out)
     sdf_path, xyz_path = out_dir / "samples.sdf", out_dir / "samples.xyz"
     if not overwrite:
@@ -214,6 +219,27 @@ def export(
         raise DiffgenError("OUT must end in .safetensors")
     path = export_generator(checkpoint, out, dtype=torch.bfloat16 if bf16 else torch.float16, overwrite=overwrite)
     out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command()
+def draw(
+    file: Path = typer.Argument(..., help="Molecules (.sdf or .xyz) to depict."),
+    out: Path = typer.Option(..., help="Output PNG."),
+    n: int = typer.Option(24, "--n", help="Draw at most this many molecules."),
+    per_row: int = typer.Option(6, help="Molecules per row."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """PNG grid of 2D depictions (heavy atoms, bonds inferred as in evaluation; invalid ones marked)."""
+    from diffgen.eval.draw import draw_grid
+    from diffgen.io import ensure_new, read_molecules
+
+    if n <= 0 or per_row <= 0:
+        raise DiffgenError("--n and --per-row must be positive")
+    if not overwrite:
+        ensure_new(out)
+    molecules = read_molecules(file)[:n]
+    draw_grid(molecules, out, per_row=per_row)
+    out_console.print(f"wrote {out} ({len(molecules)} molecules)")
 
 
 def main() -> None:

@@ -219,4 +219,6 @@ class QM9(InMemoryDataset):
 def node_count_histogram(dataset: QM9, max_nodes: int = 29) -> torch.Tensor:
     """Counts of molecules by number of atoms: ``[max_nodes + 1]`` long, index = atom count."""
     counts = dataset.slices["z"][1:] - dataset.slices["z"][:-1]
+    if dataset._indices is not None:  # an index-selected view (ds[idx], ds[:k]) shares the full storage
+        counts = counts[torch.tensor(list(dataset.indices()), dtype=torch.long)]
     return torch.bincount(counts, minlength=max_nodes + 1)

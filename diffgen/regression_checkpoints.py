@@ -1,0 +1,124 @@
+"""Regressor checkpoints: Lightning ``.ckpt`` files from ``diffgen regress train`` and shipped ``.safetensors``.
+
+A shipped file holds the weights of a :class:`~diffgen.tasks.regression.RegressionTask` (fp32 by
+default; fp16 optional, loaded back as fp32) and, as safetensors metadata (JSON strings), the
+training config, target names, reported units and the training mean/MAD, so predicting needs
+neither the dataset nor the training run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from diffgen.errors import DiffgenError
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_REGRESSOR = PRETRAINED_DIR / "qm9_regress_gap.safetensors"
+_FORMAT = "diffgen-regressor-v1"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _read_lightning(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types on corrupt files
+        raise DiffgenError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    try:
+        hp = ckpt["hyper_parameters"]
+        return hp["config"], hp["stats"], ckpt["state_dict"]
+    except (KeyError, TypeError) as exc:
+        raise DiffgenError(f"{path} is not a diffgen regression checkpoint (missing {exc})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise DiffgenError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    if meta.get("format") != _FORMAT:
+        raise DiffgenError(f"{path} is not a diffgen regression checkpoint (metadata format {meta.get('format')!r})")
+    stats = {"mean": json.loads(meta["mean"]), "mad": json.loads(meta["mad"])}
+    return json.loads(meta["config"]), stats, state
+
+
+def load_regressor(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """Load a :class:`~diffgen.tasks.regression.RegressionTask` (eval mode) from ``.safetensors`` or ``.ckpt``.
+
+    Args:
+        path: checkpoint; None -> the shipped gap model (:data:`DEFAULT_REGRESSOR`).
+        device: where to put the model.
+
+    Raises:
+        DiffgenError: missing, unreadable or foreign file, or weights that do not fit the stored config.
+    """
+    from diffgen.tasks.regression import RegressionTask
+
+    path = Path(path) if path is not None else DEFAULT_REGRESSOR
+    if not path.is_file():
+        hint = " (the shipped regression weights are missing from this installation)" if path == DEFAULT_REGRESSOR else ""
+        raise DiffgenError(f"checkpoint not found: {path}{hint}")
+    config, stats, state = (_read_safetensors if path.suffix == ".safetensors" else _read_lightning)(path)
+    task = RegressionTask(config, stats)
+    own = task.state_dict()
+    try:
+        task.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise DiffgenError(f"checkpoint {path} does not match its config: {_first_line(exc)}") from None
+    return task.to(device).eval()
+
+
+def save_regressor(task, out_path: str | Path, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    """Write ``task`` (a RegressionTask) as safetensors with its config/targets/units/mean/MAD as metadata.
+
+    Floating-point weights are stored in ``dtype``; the mean/MAD buffers always stay float64.
+
+    Raises:
+        DiffgenError: ``out_path`` exists and ``overwrite`` is False, or its folder does not exist.
+    """
+    from safetensors.torch import save_file
+
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise DiffgenError(f"{out_path} exists; pass --overwrite to replace it")
+    if not out_path.parent.is_dir():
+        raise DiffgenError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
+    tensors = {}
+    for k, v in task.state_dict().items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and k not in ("mean", "mad"):
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    hp = task.hparams
+    meta = {
+        "format": _FORMAT,
+        "config": json.dumps(hp["config"]),
+        "targets": json.dumps(list(task.targets)),
+        "units": json.dumps(list(task.units)),
+        "mean": json.dumps(task.mean.tolist()),
+        "mad": json.dumps(task.mad.tolist()),
+    }
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def export_regressor(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
+                     overwrite: bool = False) -> Path:
+    """Export a Lightning training checkpoint (``.ckpt``) to a small ``.safetensors`` file."""
+    if Path(out_path).suffix != ".safetensors":
+        raise DiffgenError("the export file name must end in .safetensors")
+    if Path(out_path).exists() and not overwrite:
+        raise DiffgenError(f"{out_path} exists; pass --overwrite to replace it")
+    return save_regressor(load_regressor(ckpt_path), out_path, dtype=dtype, overwrite=overwrite)

@@ -1,0 +1,141 @@
+"""Real-data checks of the QM9 loader against the published EDM/Cormorant protocol (shared/reference)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch_geometric.utils import scatter
+
+from diffgen.data.elements import ATOMIC_NUMBERS
+from diffgen.data.qm9 import QM9, TARGETS, default_cache_dir, node_count_histogram
+from diffgen.errors import DiffgenError
+
+# Train node-count histogram with H, from qm9_generation.md (EDM's histogram): atoms -> molecules
+REFERENCE_HISTOGRAM = {
+    3: 1, 4: 4, 5: 5, 6: 9, 7: 16, 8: 49, 9: 124, 10: 362, 11: 807, 12: 1689, 13: 3060, 14: 5136,
+    15: 7796, 16: 10644, 17: 13025, 18: 13364, 19: 13832, 20: 9482, 21: 9970, 22: 3393, 23: 4848,
+    24: 539, 25: 1506, 26: 48, 27: 266, 28: 0, 29: 25,
+}
+# Train atom-type frequencies (%) from qm9_generation.md, with the precision they are quoted to
+REFERENCE_FREQ = {1: (51.2, 0.05), 6: (35.2, 0.05), 7: (5.6, 0.05), 8: (7.8, 0.05), 9: (0.13, 0.005)}
+HARTREE_EV = 27.2114
+
+
+def _idx(ds: QM9) -> np.ndarray:
+    return ds.idx.numpy()
+
+
+@pytest.fixture(scope="module")
+def split_idx():
+    return {s: _idx(QM9(split=s)) for s in ("train", "valid", "test", "all")}
+
+
+def test_split_sizes(split_idx):
+    assert {s: len(v) for s, v in split_idx.items()} == {
+        "train": 100_000, "valid": 17_748, "test": 13_083, "all": 130_831}
+
+
+def test_splits_disjoint_and_cover_all_gdb_indices(split_idx):
+    all_idx = split_idx["all"]
+    # "all" is in GDB-9 index order, unique, 1-based, within 1..133,885 (3,054 uncharacterised dropped)
+    assert np.all(np.diff(all_idx) > 0)
+    assert all_idx[0] == 1 and all_idx[-1] == 133_885
+    parts = [set(split_idx[s].tolist()) for s in ("train", "valid", "test")]
+    assert sum(len(p) for p in parts) == 130_831  # no duplicates inside a split
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert parts[0] | parts[1] | parts[2] == set(all_idx.tolist())
+
+
+def test_split_is_the_numpy_seed0_permutation(split_idx):
+    """The recipe of data_sources.md: np.random.seed(0); permutation of the index-sorted table."""
+    np.random.seed(0)
+    perm = np.random.permutation(130_831)
+    all_idx = split_idx["all"]
+    np.testing.assert_array_equal(split_idx["train"], all_idx[perm[:100_000]])
+    np.testing.assert_array_equal(split_idx["valid"], all_idx[perm[100_000:117_748]])
+    np.testing.assert_array_equal(split_idx["test"], all_idx[perm[117_748:]])
+
+
+def test_train_node_count_histogram_matches_edm(qm9_train):
+    hist = node_count_histogram(qm9_train)
+    assert hist.shape == (30,)
+    expected = torch.zeros(30, dtype=torch.long)
+    for n, c in REFERENCE_HISTOGRAM.items():
+        expected[n] = c
+    assert torch.equal(hist, expected)
+    # same histogram counted independently from the per-molecule tensors
+    counts = torch.tensor([qm9_train[i].z.numel() for i in range(0, 100_000, 997)])
+    sub = node_count_histogram(qm9_train[torch.arange(0, 100_000, 997)])
+    assert torch.equal(sub, torch.bincount(counts, minlength=30))
+
+
+def test_train_atom_type_frequencies(qm9_train):
+    z = qm9_train.z  # all atoms of the split, concatenated
+    assert set(torch.unique(z).tolist()) == set(ATOMIC_NUMBERS)
+    assert z.numel() / len(qm9_train) == pytest.approx(18.0, abs=0.05)  # mean atoms per molecule
+    for zz, (ref, tol) in REFERENCE_FREQ.items():
+        pct = 100.0 * float((z == zz).sum()) / z.numel()
+        assert abs(pct - ref) <= tol, (zz, pct, ref)
+
+
+def test_methane_is_first_molecule(qm9_all):
+    mol = qm9_all[0]
+    assert int(mol.idx) == 1
+    assert qm9_all.smiles[0] == "C"
+    assert sorted(mol.z.tolist()) == [1, 1, 1, 1, 6]
+    assert mol.pos.shape == (5, 3) and mol.y.shape == (1, len(TARGETS))
+    c = mol.pos[mol.z == 6][0]
+    d_ch = (mol.pos[mol.z == 1] - c).norm(dim=-1)
+    assert torch.allclose(d_ch, torch.full((4,), 1.09), atol=0.01)
+    # tetrahedral: H-H distances = C-H * sqrt(8/3)
+    h = mol.pos[mol.z == 1]
+    d_hh = torch.pdist(h)
+    assert torch.allclose(d_hh, torch.full((6,), 1.09 * (8 / 3) ** 0.5), atol=0.02)
+    gap = float(mol.y[0, TARGETS.index("gap")])
+    assert gap == pytest.approx(0.5048 * HARTREE_EV, abs=2e-3)
+    # homo (-0.3877 Ha) + gap = lumo (0.1171 Ha), all in eV
+    homo, lumo = (float(mol.y[0, TARGETS.index(k)]) for k in ("homo", "lumo"))
+    assert homo == pytest.approx(-0.3877 * HARTREE_EV, abs=2e-3)
+    assert lumo - homo == pytest.approx(gap, abs=2e-3)
+
+
+def _noh_cached() -> bool:
+    d = default_cache_dir() / "qm9" / "processed"
+    return all((d / f"{n}_noH.pt").exists() for n in ("train", "valid", "test", "all", "half0", "half1", "smiles"))
+
+
+# building the second (no-H) processed cache takes ~25-50 s once; only then is the test "slow"
+@(pytest.mark.slow if not _noh_cached() else (lambda f: f))
+def test_remove_h(qm9_train):
+    noh = QM9(split="train", remove_h=True)
+    assert len(noh) == len(qm9_train) == 100_000
+    np.testing.assert_array_equal(noh.idx.numpy(), qm9_train.idx.numpy())
+    assert not bool((noh.z == 1).any())
+    assert set(torch.unique(noh.z).tolist()) == {6, 7, 8, 9}
+    # per molecule: the heavy atoms of the H version, same order and positions
+    heavy = qm9_train.z != 1
+    assert torch.equal(noh.z, qm9_train.z[heavy])
+    assert torch.equal(noh.pos, qm9_train.pos[heavy])
+    mol_of_atom = torch.repeat_interleave(torch.arange(len(qm9_train)),
+                                          qm9_train.slices["z"].diff())
+    n_heavy = scatter(heavy.long(), mol_of_atom, dim=0, dim_size=len(qm9_train), reduce="sum")
+    assert torch.equal(noh.slices["z"].diff(), n_heavy)
+    assert int(n_heavy.max()) == 9 and int(n_heavy.min()) >= 1
+    assert torch.equal(noh.y, qm9_train.y)
+
+
+def test_unknown_split_or_subset_raises():
+    with pytest.raises(DiffgenError):
+        QM9(split="training")
+    with pytest.raises(DiffgenError):
+        QM9(split="train", subset="half2")
+    with pytest.raises(DiffgenError):
+        QM9(split="valid", subset="half0")
+
+
+def test_half_subsets(split_idx):
+    h0, h1 = _idx(QM9(subset="half0")), _idx(QM9(subset="half1"))
+    assert len(h0) == len(h1) == 50_000
+    assert not (set(h0.tolist()) & set(h1.tolist()))
+    # the two halves are the first / second 50,000 of the train permutation
+    np.testing.assert_array_equal(np.concatenate([h0, h1]), split_idx["train"])

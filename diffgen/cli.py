@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from diffgen.cli_regress import regress_app
 from diffgen.errors import DiffgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -79,6 +80,7 @@ def sample(
     n: int = typer.Option(100, "--n", help="Number of molecules."),
     checkpoint: Optional[Path] = typer.Option(None, help="Generator weights (.safetensors or Lightning .ckpt); default: shipped."),
     steps: int = typer.Option(1000, help="Denoising steps (network evaluations per molecule)."),
+    sampler: str = typer.Option("ancestral", help="ancestral (EDM, stochastic) or dpm2m (DPM-Solver++(2M), deterministic ODE)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same molecules."),
     batch_size: int = typer.Option(100, help="Molecules per network call."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: a new diffgen_samples/<time> folder)."),
@@ -111,6 +113,9 @@ def sample(
     if not overwrite:
         for p in (sdf_path, xyz_path):
             ensure_new(p)
+    from diffgen.diffusion.samplers import get_sampler
+
+    get_sampler(sampler)  # validate the name before loading anything
     gen = load_generator(checkpoint, device=device)
     ref = _reference(novelty)
     n_calls = steps * ((n + batch_size - 1) // batch_size)
@@ -119,7 +124,7 @@ def sample(
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
         task = bar.add_task(f"sampling {n} molecules x {steps} steps", total=n_calls)
         molecules = sample_molecules(gen.diffusion, gen.node_dist, n, steps=steps, batch_size=batch_size, seed=seed,
-                                     progress=lambda k: bar.advance(task, k))
+                                     progress=lambda k: bar.advance(task, k), sampler=sampler)
     seconds = time.perf_counter() - start
     metrics = GenerationMetrics(reference_smiles=ref)
     metrics.update(molecules)
@@ -128,9 +133,9 @@ def sample(
     props = [{"smiles": r.get("smiles"), "mol_stable": int(bool(r.get("mol_stable")))} for r in metrics.per_molecule()]
     write_sdf(sdf_path, molecules, props=props)
     write_xyz(xyz_path, molecules, comments=[f"diffgen sample {i} seed={seed}" for i in range(len(molecules))])
-    result.update(seconds=round(seconds, 2), steps=steps, seed=seed, checkpoint=str(gen.source))
+    result.update(seconds=round(seconds, 2), sampler=sampler, steps=steps, seed=seed, checkpoint=str(gen.source))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    table = _metrics_table(result, f"{n} molecules, {steps} steps")
+    table = _metrics_table(result, f"{n} molecules, {sampler}, {steps} steps")
     table.caption = f"sampled in {seconds:.1f} s on {device}"
     out_console.print(table)
     out_console.print(f"wrote {sdf_path} and {xyz_path}")
@@ -240,6 +245,9 @@ def draw(
     molecules = read_molecules(file)[:n]
     draw_grid(molecules, out, per_row=per_row)
     out_console.print(f"wrote {out} ({len(molecules)} molecules)")
+
+
+app.add_typer(regress_app, name="regress")
 
 
 def main() -> None:

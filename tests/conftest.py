@@ -7,6 +7,10 @@ from torch_geometric.loader import DataLoader
 
 from diffgen.data.qm9 import QM9
 
+# The test machines have 2 cores shared with training runs: multi-threaded intra-op parallelism then
+# thrashes (measured ~100x slower per step of a tiny EGNN); the tests use tiny models, one thread is enough.
+torch.set_num_threads(1)
+
 #: rows of the training split used for the small real batch (spread over the split, fixed)
 BATCH_ROWS = list(range(0, 96_000, 6_000))  # 16 molecules
 

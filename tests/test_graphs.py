@@ -79,8 +79,7 @@ def test_radius_brute_force(random_graph, cutoff):
 
 def test_radius_is_strict(random_graph):
     pos, batch = random_graph
-    d = (pos[2] - pos[3]).norm().item()  # graph 1 = nodes 1, 2? -> use graph of size 5: nodes 3..7
-    d = (pos[3] - pos[4]).norm().item()
+    d = (pos[3] - pos[4]).norm().item()  # nodes 3 and 4 are in the same 5-node graph
     assert (3, 4) not in _pairs(radius_edges(pos, batch, d))
     assert (3, 4) in _pairs(radius_edges(pos, batch, d + 1e-9))
 

@@ -75,6 +75,14 @@ class NoiseSchedule(nn.Module):
 
     forward = gamma
 
+    def t_of_gamma(self, gamma: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`gamma` (the table is strictly increasing): ``t`` in [0, 1], same shape as ``gamma``."""
+        g = gamma.double().clamp(float(self.table[0]), float(self.table[-1]))
+        hi = torch.searchsorted(self.table, g.reshape(-1)).clamp(1, self.T).reshape(g.shape)
+        lo = hi - 1
+        w = (g - self.table[lo]) / (self.table[hi] - self.table[lo])
+        return ((lo + w) / self.T).to(gamma.dtype)
+
 
 def alpha(gamma: torch.Tensor) -> torch.Tensor:
     """``alpha_t = sqrt(sigmoid(-gamma_t))``."""

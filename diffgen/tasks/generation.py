@@ -14,7 +14,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffgen.config import Config, config_from_dict
-from diffgen.diffusion.samplers import NodeCountDistribution, ancestral_sample
+from diffgen.diffusion.samplers import NodeCountDistribution, ancestral_sample, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.diffusion.vp import N_FEATURES, Denoiser, VPDiffusion
 from diffgen.models.egnn import EGNN
@@ -118,8 +118,10 @@ def train_generation(cfg: Config) -> GenerationTask:
 
 
 def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = 1000,
-                     batch_size: int = 100, seed: int = 0, progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Draw ``n`` molecules: atom counts from ``node_dist``, then the ancestral sampler in batches.
+                     batch_size: int = 100, seed: int = 0, progress=None,
+                     sampler: str = "ancestral") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Draw ``n`` molecules: atom counts from ``node_dist``, then ``sampler`` (see
+    :data:`diffgen.diffusion.samplers.SAMPLERS`) in batches.
 
     Deterministic for a given ``(seed, batch_size)``. ``progress`` is called with 1 per network evaluation.
 
@@ -128,13 +130,15 @@ def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n
 
     Raises:
         ValueError: ``n < 1``, ``steps < 1`` or ``batch_size < 1``.
+        DiffgenError: unknown sampler.
     """
     if n < 1 or batch_size < 1:
         raise ValueError("n and batch_size must be >= 1")
+    sample_fn = get_sampler(sampler)
     gen = torch.Generator().manual_seed(seed)
     n_atoms = node_dist.sample(n, gen)
     molecules = []
     for chunk in n_atoms.split(batch_size):
-        out = ancestral_sample(diffusion, chunk, steps=steps, generator=gen, progress=progress)
+        out = sample_fn(diffusion, chunk, steps=steps, generator=gen, progress=progress)
         molecules.extend(out.molecules())
     return molecules

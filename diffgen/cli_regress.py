@@ -1,0 +1,188 @@
+"""``diffgen regress``: QM9 property regression with the invariant EGNN (train, evaluate, predict, export).
+
+User errors raise :class:`~diffgen.errors.DiffgenError`; ``diffgen.cli.main`` prints them as one line
+and exits with code 2. Heavy imports (torch, Lightning) happen inside the commands.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffgen.errors import DiffgenError
+
+regress_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                          help="QM9 property regression with the invariant EGNN (Satorras et al. 2021).")
+console = Console(stderr=True)
+out_console = Console()
+
+DEFAULT_CONFIG = Path("configs/qm9_regress.yaml")
+
+
+def _threads(n: Optional[int]) -> None:
+    if n is not None:
+        if n < 1:
+            raise DiffgenError(f"--threads must be >= 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value <= 0:
+        raise DiffgenError(f"{name} must be positive, got {value}")
+
+
+@regress_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    target: Optional[List[str]] = typer.Option(None, "--target", help="Target(s): mu, alpha, homo, lumo, gap, r2, "
+                                               "zpve, U0, U, H, G, Cv; repeat or comma-separate for one multi-target model."),
+    config: Optional[Path] = typer.Option(None, help=f"YAML config (default: {DEFAULT_CONFIG} if present, "
+                                          "else built-in defaults)."),
+    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
+    subset: Optional[str] = typer.Option(None, help="Train on one half of the train split: half0 or half1 (EDM protocol)."),
+    accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
+    devices: Optional[str] = typer.Option(None, help="Number of devices or 'auto'."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Train a regressor. Extra arguments are config overrides: section.key=value (e.g. optim.lr=5e-4)."""
+    from diffgen.regression_config import load_regression_config
+    from diffgen.tasks.regression_targets import resolve_targets
+
+    overrides = list(ctx.args)
+    if target:
+        overrides.append("task.targets=" + ",".join(resolve_targets(target)))
+    if subset is not None:
+        if subset not in ("half0", "half1"):
+            raise DiffgenError(f"unknown --subset {subset!r}: choose half0 or half1")
+        overrides.append(f"data.subset={subset}")
+    if accelerator:
+        overrides.append(f"trainer.accelerator={accelerator}")
+    if devices:
+        overrides.append(f"trainer.devices={devices}")
+    if out_dir:
+        overrides.append(f"trainer.out_dir={out_dir}")
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    cfg = load_regression_config(config, overrides)
+    _threads(threads)
+    from diffgen.tasks.regression import train_regression
+
+    train_regression(cfg)
+    console.print(f"checkpoints in {Path(cfg.trainer.out_dir) / 'checkpoints'}; "
+                  f"test MAE: diffgen regress evaluate --checkpoint {Path(cfg.trainer.out_dir) / 'checkpoints' / 'best.ckpt'}",
+                  markup=False, highlight=False)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+
+
+@regress_app.command()
+def evaluate(
+    checkpoint: Optional[Path] = typer.Option(None, help="Regressor (.safetensors or .ckpt); default: shipped gap model."),
+    split: str = typer.Option("test", help="QM9 split: test, valid or train."),
+    limit: Optional[int] = typer.Option(None, help="Only the first LIMIT molecules of the split."),
+    batch_size: int = typer.Option(256, help="Molecules per forward pass."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the MAEs to this JSON file."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+):
+    """MAE per target on a QM9 split (standard split), in the units of the EGNN table, beside published models."""
+    _positive("--limit", limit)
+    _positive("--batch-size", batch_size)
+    if split not in ("test", "valid", "train"):
+        raise DiffgenError(f"unknown split {split!r}: choose test, valid or train")
+    if json_out is not None and json_out.exists():
+        raise DiffgenError(f"{json_out} already exists; refusing to overwrite it")
+    _threads(threads)
+    from diffgen.data.qm9 import QM9
+    from diffgen.regression_checkpoints import load_regressor
+    from diffgen.tasks.regression import evaluate_dataset
+    from diffgen.tasks.regression_targets import REFERENCE_MAE
+
+    model = load_regressor(checkpoint, device=device)
+    ds = QM9(split=split)
+    if limit is not None:
+        ds = ds[: min(limit, len(ds))]
+    start = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task(f"QM9 {split}", total=len(ds))
+        mae = evaluate_dataset(model, ds, batch_size=batch_size, progress=lambda k: bar.advance(task, k))
+    seconds = time.perf_counter() - start
+    table = Table(title=f"QM9 {split}: {len(ds)} molecules, MAE ({seconds:.1f} s)")
+    for col in ("target", "unit", "this model", *REFERENCE_MAE):
+        table.add_column(col, justify="left" if col in ("target", "unit") else "right")
+    for t, u in zip(model.targets, model.units):
+        table.add_row(t, u, f"{mae[t]:.4g}", *(f"{REFERENCE_MAE[m][t]:g}" for m in REFERENCE_MAE))
+    out_console.print(table)
+    if json_out is not None:
+        src = str(checkpoint) if checkpoint is not None else "shipped"
+        json_out.write_text(json.dumps({"split": split, "n_molecules": len(ds), "checkpoint": src,
+                                        "mae": mae, "units": dict(zip(model.targets, model.units))}, indent=2))
+
+
+@regress_app.command()
+def predict(
+    file: Path = typer.Argument(..., help="Molecules with 3D coordinates: .sdf or .xyz (H, C, N, O, F only)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Regressor (.safetensors or .ckpt); default: shipped gap model."),
+    out: Optional[Path] = typer.Option(None, help="CSV file to write (default: print the CSV to stdout)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    batch_size: int = typer.Option(256, help="Molecules per forward pass."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+):
+    """Predict properties: a CSV with one row per molecule, units in the column names (e.g. gap_meV)."""
+    from diffgen.io import ensure_new, read_molecules
+
+    _positive("--batch-size", batch_size)
+    if out is not None and not overwrite:
+        ensure_new(out)
+    molecules = read_molecules(file)  # validates the file before the model is loaded
+    _threads(threads)
+    from diffgen.regression_checkpoints import load_regressor
+    from diffgen.tasks.regression import predict as run_predict
+    from diffgen.tasks.regression_targets import column_name
+
+    model = load_regressor(checkpoint, device=device)
+    values = run_predict(model, molecules, batch_size=batch_size)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["molecule", "n_atoms", *(column_name(t) for t in model.targets)])
+    for k, ((z, _), row) in enumerate(zip(molecules, values), start=1):
+        writer.writerow([k, len(z), *(f"{v:.6g}" for v in row)])
+    if out is None:
+        sys.stdout.write(buf.getvalue())
+        return
+    if not out.parent.is_dir():
+        raise DiffgenError(f"cannot write {out}: directory {out.parent} does not exist")
+    out.write_text(buf.getvalue())
+    console.print(f"wrote {len(molecules)} predictions to {out}", markup=False, highlight=False)
+
+
+@regress_app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen regress train` (or a .safetensors)."),
+    out: Path = typer.Argument(..., help="Output .safetensors (weights + metadata: config, targets, units, mean/MAD)."),
+    fp16: bool = typer.Option(False, help="Store the weights as fp16 instead of fp32."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """Export a regression checkpoint to a small self-contained safetensors file."""
+    import torch
+
+    from diffgen.regression_checkpoints import export_regressor
+
+    path = export_regressor(checkpoint, out, dtype=torch.float16 if fp16 else torch.float32, overwrite=overwrite)
+    out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

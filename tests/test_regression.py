@@ -1,0 +1,246 @@
+"""QM9 property regression: invariances, units, overfitting, checkpoints and CLI errors (fast, CPU)."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffgen.errors import DiffgenError
+from diffgen.regression_checkpoints import load_regressor, save_regressor
+from diffgen.regression_config import load_regression_config, regression_config_from_dict
+from diffgen.tasks.regression import RegressionTask, predict, target_stats
+from diffgen.tasks.regression_targets import column_name, regression_values, resolve_targets
+
+HARTREE_MEV = 27211.386246
+# QM9 atomref table (Ramakrishnan et al. 2014), hartree, typed in independently of diffgen.data.qm9
+ATOMREF_U0_HA = {1: -0.500273, 6: -37.846772, 7: -54.583861, 8: -75.064579, 9: -99.718730}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_task(targets=("gap",), hidden=16, n_layers=2, stats=None, seed=0) -> RegressionTask:
+    torch.manual_seed(seed)
+    cfg = regression_config_from_dict({"task": {"targets": list(targets)},
+                                       "model": {"hidden": hidden, "n_layers": n_layers}})
+    stats = stats or {"mean": [0.0] * len(targets), "mad": [1.0] * len(targets)}
+    return RegressionTask(cfg.to_dict(), stats)
+
+
+def random_molecules(n_mol: int, gen: torch.Generator):
+    mols = []
+    for _ in range(n_mol):
+        n = int(torch.randint(2, 12, (1,), generator=gen))
+        z = torch.tensor([1, 6, 7, 8, 9])[torch.randint(0, 5, (n,), generator=gen)]
+        mols.append((z.numpy(), (1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64)).numpy()))
+    return mols
+
+
+def random_orthogonal(gen: torch.Generator, reflect: bool) -> np.ndarray:
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if (torch.det(q) > 0) == reflect:
+        q[:, 0] = -q[:, 0]
+    return q.numpy()
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_predictions_invariant_to_euclidean_transforms_and_permutations(reflect):
+    gen = torch.Generator().manual_seed(1 + int(reflect))
+    task = tiny_task(targets=("gap", "U0"), stats={"mean": [5.0, -100.0], "mad": [2.0, 30.0]}).double()
+    mols = random_molecules(6, gen)
+    ref = predict(task, mols)
+    assert ref.shape == (6, 2) and np.all(np.isfinite(ref))
+    q = random_orthogonal(gen, reflect)
+    moved = []
+    for z, pos in mols:
+        perm = torch.randperm(len(z), generator=gen).numpy()
+        t = 10 * torch.randn(3, generator=gen, dtype=torch.float64).numpy()
+        moved.append((z[perm], pos[perm] @ q.T + t))
+    out = predict(task, moved)
+    np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-7)
+    # the batch composition does not matter either
+    np.testing.assert_allclose(predict(task, mols, batch_size=1), ref, rtol=1e-9, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def qm9_first3():
+    from diffgen.data.qm9 import QM9
+
+    ds = QM9(split="all")
+    return [ds[i] for i in range(3)]  # GDB-9 1, 2, 3: methane, ammonia, water
+
+
+def _values(data, targets):
+    return regression_values(data.y, data.z, torch.zeros_like(data.z), targets)[0].numpy()
+
+
+# published QM9 values (dsgdb9nsd_00000{1,2,3}.xyz): homo, lumo, gap, zpve, U0 in hartree; mu D; alpha bohr^3;
+# r2 bohr^2; Cv cal/mol K
+KNOWN = {
+    1: dict(elements={6: 1, 1: 4}, mu=0.0, alpha=13.21, homo=-0.3877, lumo=0.1171, gap=0.5048, r2=35.3641,
+            zpve=0.044749, U0=-40.478930, Cv=6.469),
+    2: dict(elements={7: 1, 1: 3}, mu=1.6256, alpha=9.46, homo=-0.2570, lumo=0.0829, gap=0.3399, r2=26.1563,
+            zpve=0.034358, U0=-56.525887, Cv=6.316),
+    3: dict(elements={8: 1, 1: 2}, mu=1.8511, alpha=6.31, homo=-0.2928, lumo=0.0687, gap=0.3615, r2=19.0002,
+            zpve=0.021375, U0=-76.404702, Cv=6.002),
+}
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_unit_conversions_on_known_qm9_molecules(qm9_first3, k):
+    data = qm9_first3[k]
+    gdb = int(data.idx)
+    known = KNOWN[gdb]
+    targets = ["mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "Cv"]
+    got = dict(zip(targets, _values(data, targets)))
+    n_atoms = sum(known["elements"].values())
+    assert got["mu"] == pytest.approx(known["mu"], abs=1e-4)
+    assert got["alpha"] == pytest.approx(known["alpha"], abs=1e-4)
+    assert got["r2"] == pytest.approx(known["r2"], abs=1e-3)
+    for t in ("homo", "lumo", "gap", "zpve"):  # hartree -> meV
+        assert got[t] == pytest.approx(known[t] * HARTREE_MEV, abs=0.05), t
+    # U0 minus atom references, meV (float32 storage of ~1e3 eV totals: < 0.5 meV)
+    atomization = known["U0"] - sum(ATOMREF_U0_HA[z] * c for z, c in known["elements"].items())
+    assert got["U0"] == pytest.approx(atomization * HARTREE_MEV, abs=0.5)
+    assert got["Cv"] == pytest.approx(known["Cv"] - 2.981 * n_atoms, abs=1e-4)
+    if gdb == 1:  # methane, spelled out
+        assert got["gap"] == pytest.approx(13736.3, abs=0.1)
+        assert got["U0"] == pytest.approx(-17172.2, abs=0.5)
+
+
+def test_predict_adds_atom_references_back(qm9_first3):
+    """A model whose output is exactly ``mean`` predicts total U0 = regression value + atom references."""
+    methane = qm9_first3[0]
+    value = float(_values(methane, ["U0"])[0])
+    task = tiny_task(targets=("U0",), stats={"mean": [value], "mad": [1.0]})
+    last = task.model.graph_mlp[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    out = predict(task, [(methane.z.numpy(), methane.pos.numpy())])
+    assert out[0, 0] == pytest.approx(KNOWN[1]["U0"] * HARTREE_MEV, abs=1.0)
+
+
+def test_overfits_64_real_molecules():
+    from torch_geometric.data import Batch
+
+    from diffgen.data.qm9 import QM9
+
+    ds = QM9(split="train")[:64]
+    task = tiny_task(targets=("gap",), hidden=64, n_layers=3, stats=target_stats(ds, ["gap"]), seed=0)
+    batch = Batch.from_data_list([ds[i] for i in range(64)])
+    opt = torch.optim.Adam(task.parameters(), lr=2e-3)
+    first = None
+    for step in range(300):
+        loss, _ = task._step(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss) if first is None else first
+    with torch.no_grad():
+        loss, err = task._step(batch)
+    assert first > 0.5
+    assert float(loss) < 0.1, f"normalised L1 {float(loss):.3f} after 300 steps (start {first:.3f})"
+
+
+def test_checkpoint_roundtrip_and_multi_target(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    task = tiny_task(targets=("homo", "lumo"), stats={"mean": [-6000.0, 1000.0], "mad": [400.0, 900.0]})
+    mols = random_molecules(4, gen)
+    ref = predict(task, mols)
+    assert ref.shape == (4, 2)
+    path = save_regressor(task, tmp_path / "m.safetensors")
+    loaded = load_regressor(path)
+    assert loaded.targets == ["homo", "lumo"] and loaded.units == ["meV", "meV"]
+    np.testing.assert_allclose(predict(loaded, mols), ref, rtol=1e-6, atol=1e-4)
+    half = load_regressor(save_regressor(task, tmp_path / "h.safetensors", dtype=torch.float16))
+    np.testing.assert_allclose(predict(half, mols), ref, rtol=0, atol=0.05 * 400)
+    with pytest.raises(DiffgenError):
+        save_regressor(task, path)  # never overwrite silently
+
+
+def test_config_and_target_names():
+    cfg = load_regression_config(Path(__file__).resolve().parents[1] / "configs" / "qm9_regress.yaml", ["task.targets=u0,cv", "data.subset=half1"])
+    assert cfg.task.targets == ["U0", "Cv"] and cfg.data.subset == "half1"
+    assert cfg.model.n_layers == 7 and cfg.model.hidden == 128 and cfg.data.batch_size == 96
+    assert resolve_targets("gap") == ["gap"]
+    assert column_name("gap") == "gap_meV" and column_name("Cv") == "Cv_cal_mol_K"
+    assert column_name("alpha") == "alpha_bohr3"
+    for bad in (["task.targets=foo"], ["data.subset=half2"], ["model.widht=3"], ["optim.optimizer=sgd"]):
+        with pytest.raises(DiffgenError):
+            load_regression_config(None, bad)
+
+
+# --- CLI ---------------------------------------------------------------------------
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "diffgen.cli", "regress", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_regressor(tiny_task(targets=("gap",), stats={"mean": [6800.0], "mad": [1000.0]}), path)
+
+
+def test_cli_unknown_target(tmp_path):
+    assert_one_line_error(run_cli("train", "--target", "foo", "--out-dir", tmp_path / "run"), "unknown target", "foo")
+
+
+def test_cli_2d_sdf(tmp_path, tiny_checkpoint):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.MolFromSmiles("CCO")
+    AllChem.Compute2DCoords(mol)
+    sdf = tmp_path / "flat.sdf"
+    sdf.write_text(Chem.MolToMolBlock(mol) + "$$$$\n")
+    assert_one_line_error(run_cli("predict", sdf, "--checkpoint", tiny_checkpoint), "3D")
+
+
+def test_cli_unsupported_element(tmp_path, tiny_checkpoint):
+    xyz = tmp_path / "h2s.xyz"
+    xyz.write_text("3\nhydrogen sulfide\nS 0.0 0.0 0.1\nH 0.96 0.0 -0.8\nH -0.96 0.0 -0.8\n")
+    assert_one_line_error(run_cli("predict", xyz, "--checkpoint", tiny_checkpoint), "'S'")
+
+
+def test_cli_predict_writes_csv_with_units_and_never_overwrites(tmp_path, tiny_checkpoint, qm9_first3):
+    from diffgen.io import write_sdf
+
+    sdf = tmp_path / "three.sdf"
+    write_sdf(sdf, [(d.z.numpy(), d.pos.numpy()) for d in qm9_first3])
+    out = tmp_path / "preds.csv"
+    proc = run_cli("predict", sdf, "--checkpoint", tiny_checkpoint, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["molecule", "n_atoms", "gap_meV"]
+    assert [r[:2] for r in rows[1:]] == [["1", "5"], ["2", "4"], ["3", "3"]]
+    assert all(np.isfinite(float(r[2])) for r in rows[1:])
+    assert_one_line_error(run_cli("predict", sdf, "--checkpoint", tiny_checkpoint, "--out", out), "already exists")
+
+
+def test_cli_missing_checkpoint(tmp_path):
+    xyz = tmp_path / "w.xyz"
+    xyz.write_text("3\nwater\nO 0 0 0.12\nH 0.76 0 -0.47\nH -0.76 0 -0.47\n")
+    assert_one_line_error(run_cli("predict", xyz, "--checkpoint", tmp_path / "nope.safetensors"), "not found")

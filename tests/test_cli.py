@@ -1,6 +1,7 @@
 """End-to-end CLI checks: sampling with the shipped weights, determinism, no silent overwrite, bad input."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ from diffgen.checkpoints import DEFAULT_CHECKPOINT
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}  # wide tables; no thread oversubscription
     return subprocess.run([sys.executable, "-m", "diffgen.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, fragment: str) -> None:

@@ -48,8 +48,12 @@ def test_splits_disjoint_and_cover_all_gdb_indices(split_idx):
 
 def test_split_is_the_numpy_seed0_permutation(split_idx):
     """The recipe of data_sources.md: np.random.seed(0); permutation of the index-sorted table."""
-    np.random.seed(0)
-    perm = np.random.permutation(130_831)
+    state = np.random.get_state()
+    try:
+        np.random.seed(0)
+        perm = np.random.permutation(130_831)
+    finally:
+        np.random.set_state(state)
     all_idx = split_idx["all"]
     np.testing.assert_array_equal(split_idx["train"], all_idx[perm[:100_000]])
     np.testing.assert_array_equal(split_idx["valid"], all_idx[perm[100_000:117_748]])

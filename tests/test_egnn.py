@@ -171,6 +171,15 @@ def test_wrong_shapes_raise(random_batch):
     with pytest.raises(ValueError):
         model(h, pos[:-1], ei)  # node-count mismatch
     with pytest.raises(ValueError):
+        model(h, pos, ei, torch.zeros(ei.shape[1], 2, dtype=torch.float64))  # edge_dim=0: would be ignored
+    with_edges = make_model(edge_dim=2)
+    with pytest.raises(ValueError):
+        with_edges(h, pos, ei)  # edge_attr missing
+    with pytest.raises(ValueError):
+        with_edges(h, pos, ei, torch.zeros(ei.shape[1], 3, dtype=torch.float64))  # wrong width
+    with pytest.raises(ValueError):
+        with_edges(h, pos, ei, torch.zeros(ei.shape[1] - 1, 2, dtype=torch.float64))  # wrong edge count
+    with pytest.raises(ValueError):
         EGNN(5, hidden=8, n_layers=0)
     with pytest.raises(ValueError):
         EGNN(0, hidden=8, n_layers=1)

@@ -132,25 +132,30 @@ def test_predict_adds_atom_references_back(qm9_first3):
 
 
 def test_overfits_64_real_molecules():
+    """64 QM9 molecules, full batch, 400 Adam steps (lr 1e-2, cosine): normalised L1 from ~1 to < 0.1."""
     from torch_geometric.data import Batch
 
     from diffgen.data.qm9 import QM9
 
     ds = QM9(split="train")[:64]
-    task = tiny_task(targets=("gap",), hidden=64, n_layers=3, stats=target_stats(ds, ["gap"]), seed=0)
+    task = tiny_task(targets=("gap",), hidden=32, n_layers=3, stats=target_stats(ds, ["gap"]), seed=0)
     batch = Batch.from_data_list([ds[i] for i in range(64)])
-    opt = torch.optim.Adam(task.parameters(), lr=2e-3)
+    n_steps = 400
+    opt = torch.optim.Adam(task.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps)
     first = None
-    for step in range(300):
+    for _ in range(n_steps):
         loss, _ = task._step(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = float(loss) if first is None else first
+        sched.step()
+        first = loss.item() if first is None else first
     with torch.no_grad():
         loss, err = task._step(batch)
     assert first > 0.5
-    assert float(loss) < 0.1, f"normalised L1 {float(loss):.3f} after 300 steps (start {first:.3f})"
+    assert loss.item() < 0.1, f"normalised L1 {loss.item():.3f} after {n_steps} steps (start {first:.3f})"
+    assert float(err.mean()) < 0.1 * float(task.mad)  # the same in meV
 
 
 def test_checkpoint_roundtrip_and_multi_target(tmp_path):

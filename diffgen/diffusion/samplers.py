@@ -110,7 +110,8 @@ def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int =
             noise_h = torch.randn(h.shape, generator=generator).to(device)
             pos = remove_mean(mean_pos + std * noise_pos, batch)
             h = mean_h + std * noise_h
-        else:  # final step: x0 estimate at the last grid point, x = (z_t - sigma_t eps) / alpha_t
+        else:  # final step (t = 1/steps): predict x0 = (z_t - sigma_t eps) / alpha_t directly, so that
+            # NFE = steps; EDM instead steps to t = 0 and evaluates the network once more (T + 1 calls)
             pos = remove_mean((pos - sigma(gamma_t) * eps_pos) / alpha(gamma_t), batch)
             h = (h - sigma(gamma_t) * eps_h) / alpha(gamma_t)
         if progress is not None:

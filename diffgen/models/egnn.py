@@ -128,6 +128,11 @@ class EGNN(nn.Module):
             raise ValueError(f"h must have shape [N, {self.in_dim}], got {tuple(h.shape)}")
         if pos.dim() != 2 or pos.shape != (h.shape[0], 3):
             raise ValueError(f"pos must have shape [{h.shape[0]}, 3], got {tuple(pos.shape)}")
+        if self.edge_dim and (edge_attr is None or tuple(edge_attr.shape) != (edge_index.shape[1], self.edge_dim)):
+            got = None if edge_attr is None else tuple(edge_attr.shape)
+            raise ValueError(f"edge_attr must have shape [{edge_index.shape[1]}, {self.edge_dim}], got {got}")
+        if not self.edge_dim and edge_attr is not None:
+            raise ValueError("edge_attr given but the EGNN was built with edge_dim=0: it would be ignored")
         row, col = edge_index
         d0 = (pos[row] - pos[col]).pow(2).sum(-1, keepdim=True)
         extra = [edge_attr] if self.edge_dim else []

@@ -76,10 +76,13 @@ def target_stats(dataset, targets: list[str]) -> dict[str, list[float]]:
 
     Returns ``{"mean": [T], "mad": [T]}`` in reported units (atom references subtracted), computed in float64.
     """
-    data, slices = dataset._data, dataset.slices
+    data, slices = dataset._data, dataset.slices  # the whole stored split, vectorised
     counts = slices["z"][1:] - slices["z"][:-1]
     batch = torch.repeat_interleave(torch.arange(counts.numel()), counts)
     values = regression_values(data.y, data.z, batch, targets)
+    rows = getattr(dataset, "_indices", None)  # a sliced dataset (e.g. ``ds[:64]``) views some rows only
+    if rows is not None:
+        values = values[torch.as_tensor(list(rows) if not isinstance(rows, torch.Tensor) else rows)]
     mean = values.mean(0)
     mad = (values - mean).abs().mean(0)
     return {"mean": mean.tolist(), "mad": mad.clamp_min(1e-12).tolist()}

@@ -35,8 +35,10 @@ _METRIC_ROWS = [
 ]
 
 
-def _metrics_table(metrics: dict, title: str) -> Table:
-    table = Table(title=title)
+def _print_metrics(metrics: dict, title: str) -> None:
+    """Print ``title`` on its own line (never wrapped into the narrow table), then the metrics table."""
+    out_console.print(title, soft_wrap=True, highlight=False)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, label, percent in _METRIC_ROWS:
@@ -48,7 +50,7 @@ def _metrics_table(metrics: dict, title: str) -> Table:
         else:
             text = str(value)
         table.add_row(label, text)
-    return table
+    out_console.print(table)
 
 
 def _reference(novelty: Optional[bool]):
@@ -135,9 +137,7 @@ def sample(
     write_xyz(xyz_path, molecules, comments=[f"diffgen sample {i} seed={seed}" for i in range(len(molecules))])
     result.update(seconds=round(seconds, 2), sampler=sampler, steps=steps, seed=seed, checkpoint=str(gen.source))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    table = _metrics_table(result, f"{n} molecules, {sampler}, {steps} steps")
-    table.caption = f"sampled in {seconds:.1f} s on {device}"
-    out_console.print(table)
+    _print_metrics(result, f"{n} molecules, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device}")
     out_console.print(f"wrote {sdf_path} and {xyz_path}")
 
 
@@ -180,7 +180,7 @@ def evaluate(
     metrics = GenerationMetrics(reference_smiles=ref)
     metrics.update(molecules)
     result = metrics.compute()
-    out_console.print(_metrics_table(result, title))
+    _print_metrics(result, title)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
 

@@ -47,7 +47,7 @@ def quality(args) -> None:
     from diffgen.checkpoints import load_generator
     from diffgen.eval.chem import GenerationMetrics
     from diffgen.eval.reference import training_smiles
-    from diffgen.tasks.generation import sample_molecules
+    from diffgen.diffusion.build import sample_molecules
 
     gen = load_generator(args.checkpoint)
     ref = training_smiles()
@@ -74,7 +74,7 @@ def train_throughput(args) -> None:
 
     from diffgen.config import load_config
     from diffgen.data.qm9 import QM9
-    from diffgen.tasks.generation import build_diffusion
+    from diffgen.diffusion.build import build_diffusion
 
     cfg = load_config(args.config)
     torch.manual_seed(0)

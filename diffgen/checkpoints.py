@@ -77,7 +77,7 @@ def load_generator(path: str | Path | None = None, device: str | torch.device = 
     Raises:
         DiffgenError: missing file, unreadable/corrupt file, or weights that do not fit the stored config.
     """
-    from diffgen.tasks.generation import build_diffusion
+    from diffgen.diffusion.build import build_diffusion
 
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.is_file():

@@ -97,7 +97,7 @@ def sample(
     from diffgen.checkpoints import load_generator
     from diffgen.eval.chem import GenerationMetrics
     from diffgen.io import ensure_new, write_sdf, write_xyz
-    from diffgen.tasks.generation import sample_molecules
+    from diffgen.diffusion.build import sample_molecules
 
     if n <= 0:
         raise DiffgenError(f"--n must be a positive number of molecules, got {n}")

@@ -16,7 +16,7 @@ from diffgen.diffusion.vp import (N_FEATURES, Denoiser, VPDiffusion, com_free_no
                                   remove_mean)
 from diffgen.errors import DiffgenError
 from diffgen.models.egnn import EGNN
-from diffgen.tasks.generation import build_diffusion, sample_molecules
+from diffgen.diffusion.build import build_diffusion, sample_molecules
 
 F64 = torch.float64
 

@@ -9,7 +9,7 @@ from diffgen.config import Config
 from diffgen.diffusion.samplers import SAMPLERS, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.errors import DiffgenError
-from diffgen.tasks.generation import build_diffusion
+from diffgen.diffusion.build import build_diffusion
 
 
 @pytest.fixture(scope="module")

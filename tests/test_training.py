@@ -5,7 +5,8 @@ import torch
 
 from diffgen.checkpoints import export_generator, load_generator
 from diffgen.config import load_config
-from diffgen.tasks.generation import sample_molecules, train_generation
+from diffgen.diffusion.build import sample_molecules
+from diffgen.tasks.generation import train_generation
 
 
 def tiny_config(out_dir, max_steps):

@@ -14,19 +14,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffgen.config import Config, config_from_dict
-from diffgen.diffusion.samplers import NodeCountDistribution, ancestral_sample, get_sampler
-from diffgen.diffusion.schedules import NoiseSchedule
-from diffgen.diffusion.vp import N_FEATURES, Denoiser, VPDiffusion
-from diffgen.models.egnn import EGNN
-
-
-def build_diffusion(cfg: Config) -> VPDiffusion:
-    """The EDM process with an EGNN denoiser as described by ``cfg.model`` and ``cfg.diffusion``."""
-    m, d = cfg.model, cfg.diffusion
-    backbone = EGNN(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
-                    attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range)
-    denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k)
-    return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s))
+from diffgen.diffusion.build import build_diffusion
+from diffgen.diffusion.samplers import NodeCountDistribution, ancestral_sample
 
 
 class GenerationTask(pl.LightningModule):
@@ -115,30 +104,3 @@ def train_generation(cfg: Config) -> GenerationTask:
     trainer = make_trainer(cfg.trainer)
     trainer.fit(task, datamodule=dm, ckpt_path=resume_path(cfg.trainer))
     return task
-
-
-def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = 1000,
-                     batch_size: int = 100, seed: int = 0, progress=None,
-                     sampler: str = "ancestral") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Draw ``n`` molecules: atom counts from ``node_dist``, then ``sampler`` (see
-    :data:`diffgen.diffusion.samplers.SAMPLERS`) in batches.
-
-    Deterministic for a given ``(seed, batch_size)``. ``progress`` is called with 1 per network evaluation.
-
-    Returns:
-        list of ``(z [n_i], pos [n_i, 3] Å)``.
-
-    Raises:
-        ValueError: ``n < 1``, ``steps < 1`` or ``batch_size < 1``.
-        DiffgenError: unknown sampler.
-    """
-    if n < 1 or batch_size < 1:
-        raise ValueError("n and batch_size must be >= 1")
-    sample_fn = get_sampler(sampler)
-    gen = torch.Generator().manual_seed(seed)
-    n_atoms = node_dist.sample(n, gen)
-    molecules = []
-    for chunk in n_atoms.split(batch_size):
-        out = sample_fn(diffusion, chunk, steps=steps, generator=gen, progress=progress)
-        molecules.extend(out.molecules())
-    return molecules

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffgen.cli_regress import regress_app
+from diffgen.cli_dynamics import dynamics_app
 from diffgen.errors import DiffgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -248,6 +249,7 @@ def draw(
 
 
 app.add_typer(regress_app, name="regress")
+app.add_typer(dynamics_app, name="dynamics")
 
 
 def main() -> None:

@@ -46,11 +46,15 @@ class EGNNLayer(nn.Module):
         update_pos: if False the layer is E(n)-invariant and returns ``pos`` unchanged.
         norm_factor: messages and coordinate shifts are summed then divided by this.
         coords_range: bound ``r`` of the tanh-gated coordinate update (Å).
+        velocity: also move ``pos`` along a given velocity, ``x_i += phi_v(h_i) v_i`` (EGNN eq. 7,
+            Satorras et al. 2021); off by default, and then the layer is unchanged.
     """
 
     def __init__(self, hidden: int, edge_dim: int, attention: bool = True, update_pos: bool = True,
-                 norm_factor: float = 1.0, coords_range: float = 15.0):
+                 norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False):
         super().__init__()
+        if velocity and not update_pos:
+            raise ValueError("a velocity-aware layer must update positions")
         act = nn.SiLU()
         self.norm_factor, self.coords_range, self.update_pos = norm_factor, coords_range, update_pos
         self.edge_in = _PairLinear(hidden, edge_dim, hidden)
@@ -62,9 +66,12 @@ class EGNNLayer(nn.Module):
             last = nn.Linear(hidden, 1, bias=False)
             nn.init.xavier_uniform_(last.weight, gain=0.001)  # start close to the identity map on pos
             self.coord_mlp = nn.Sequential(act, nn.Linear(hidden, hidden), act, last)
+        self.velocity = velocity
+        if velocity:  # phi_v: invariant per-node scale of the velocity
+            self.vel_mlp = nn.Sequential(nn.Linear(hidden, hidden), act, nn.Linear(hidden, 1))
 
     def forward(self, h: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                vel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         row, col = edge_index
         m = self.edge_mlp(self.edge_in(h, edge_attr, row, col))
         if self.att is not None:
@@ -77,6 +84,8 @@ class EGNNLayer(nn.Module):
             gate = torch.tanh(self.coord_mlp(self.coord_in(h, edge_attr, row, col))) * self.coords_range
             shift = diff / (dist + 1.0) * gate
             pos = pos + scatter(shift, row, dim=0, dim_size=pos.shape[0], reduce="sum") / self.norm_factor
+            if self.velocity:
+                pos = pos + self.vel_mlp(h) * vel
         return h, pos
 
 
@@ -95,10 +104,13 @@ class EGNN(nn.Module):
         invariant: if True no coordinate updates happen (``pos`` is returned unchanged) and the
             output ``h`` is E(n)-invariant; used for property regression.
         norm_factor, coords_range: see :class:`EGNNLayer`.
+        velocity: velocity-aware position updates (EGNN eq. 7): ``forward`` then needs ``vel``
+            ``[N, 3]`` and every layer adds ``phi_v(h_i) v_i`` to ``x_i``. Off by default (no extra
+            parameters, identical behaviour).
 
     Shapes:
         h ``[N, in_dim]``, pos ``[N, 3]`` (Å), edge_index ``[2, E]`` (row = receiver),
-        edge_attr ``[E, edge_dim]`` or None -> h ``[N, out_dim]``, pos ``[N, 3]``.
+        edge_attr ``[E, edge_dim]`` or None, vel ``[N, 3]`` or None -> h ``[N, out_dim]``, pos ``[N, 3]``.
 
     Equivariance: for any orthogonal ``Q`` (rotations and reflections), translation ``t`` and node
     permutation ``P``: ``EGNN(P h, P pos Q + t, P-relabelled edges) = (P h', P pos' Q + t)``.
@@ -106,24 +118,27 @@ class EGNN(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int = 256, out_dim: int | None = None, n_layers: int = 9,
                  edge_dim: int = 0, attention: bool = True, invariant: bool = False,
-                 norm_factor: float = 1.0, coords_range: float = 15.0):
+                 norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False):
         super().__init__()
+        if velocity and invariant:
+            raise ValueError("an invariant EGNN cannot use velocities")
         if n_layers < 1 or hidden < 1 or in_dim < 1:
             raise ValueError("EGNN needs in_dim >= 1, hidden >= 1 and n_layers >= 1")
         self.in_dim, self.hidden, self.edge_dim = in_dim, hidden, edge_dim
         self.out_dim = out_dim if out_dim is not None else hidden
-        self.invariant = invariant
+        self.invariant, self.velocity = invariant, velocity
         self.embed_in = nn.Linear(in_dim, hidden)
         self.embed_out = nn.Linear(hidden, self.out_dim)
         # edge features: |x_i - x_j|^2 now, |x_i - x_j|^2 at the input, plus user-given extras
         self.layers = nn.ModuleList(
             EGNNLayer(hidden, 2 + edge_dim, attention=attention, update_pos=not invariant,
-                      norm_factor=norm_factor, coords_range=coords_range)
+                      norm_factor=norm_factor, coords_range=coords_range, velocity=velocity)
             for _ in range(n_layers)
         )
 
     def forward(self, h: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor,
-                edge_attr: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                edge_attr: torch.Tensor | None = None, vel: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         if h.dim() != 2 or h.shape[1] != self.in_dim:
             raise ValueError(f"h must have shape [N, {self.in_dim}], got {tuple(h.shape)}")
         if pos.dim() != 2 or pos.shape != (h.shape[0], 3):
@@ -133,11 +148,15 @@ class EGNN(nn.Module):
             raise ValueError(f"edge_attr must have shape [{edge_index.shape[1]}, {self.edge_dim}], got {got}")
         if not self.edge_dim and edge_attr is not None:
             raise ValueError("edge_attr given but the EGNN was built with edge_dim=0: it would be ignored")
+        if self.velocity and (vel is None or vel.shape != pos.shape):
+            raise ValueError(f"vel must have shape {tuple(pos.shape)}, got {None if vel is None else tuple(vel.shape)}")
+        if not self.velocity and vel is not None:
+            raise ValueError("vel given but the EGNN was built with velocity=False: it would be ignored")
         row, col = edge_index
         d0 = (pos[row] - pos[col]).pow(2).sum(-1, keepdim=True)
         extra = [edge_attr] if self.edge_dim else []
         h = self.embed_in(h)
         for layer in self.layers:
             d = d0 if self.invariant else (pos[row] - pos[col]).pow(2).sum(-1, keepdim=True)
-            h, pos = layer(h, pos, edge_index, torch.cat([d, d0, *extra], dim=-1))
+            h, pos = layer(h, pos, edge_index, torch.cat([d, d0, *extra], dim=-1), vel)
         return self.embed_out(h), pos

@@ -11,7 +11,7 @@ from collections import deque
 
 import pytorch_lightning as pl
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from diffgen.config import Config, config_from_dict
 from diffgen.diffusion.build import build_diffusion
@@ -31,7 +31,7 @@ class GenerationTask(pl.LightningModule):
         self.save_hyperparameters()
         self.cfg = config_from_dict(config)
         self.diffusion = build_diffusion(self.cfg)
-        self.ema = AveragedModel(self.diffusion, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.optim.ema_decay),
+        self.ema = AveragedModel(self.diffusion, multi_avg_fn=ema_with_warmup(self.cfg.optim.ema_decay),
                                  use_buffers=True)
         self.ema.requires_grad_(False)
         self.node_dist = NodeCountDistribution(node_histogram)
@@ -88,6 +88,23 @@ class GenerationTask(pl.LightningModule):
             self.log("train/grad_norm", norm, batch_size=1)
         elif o.clip_value > 0:
             torch.nn.utils.clip_grad_norm_(params, o.clip_value)
+
+
+def ema_with_warmup(decay: float):
+    """EMA update ``ema <- d ema + (1 - d) w`` with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates.
+
+    The warm-up keeps the average close to the current weights early in training, when averaging
+    in the random initial weights would make the EMA model useless for thousands of steps.
+    For ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=...)``.
+    """
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return update
 
 
 def train_generation(cfg: Config) -> GenerationTask:

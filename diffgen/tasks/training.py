@@ -37,7 +37,7 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=tc.ckpt_every_n_steps,
                         save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1,
-                        auto_insert_metric_name=False),
+                        save_last=True, auto_insert_metric_name=False),  # also refresh last.ckpt every validation
         LearningRateMonitor(),
         RichProgressBar(),
         *(extra_callbacks or []),

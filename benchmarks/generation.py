@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/generation.py speed                 # `diffgen sample --n 100` wall time at 1000 and 100 steps
-    python benchmarks/generation.py quality --n 1000 --steps 1000 100
+    python benchmarks/generation.py quality --n 1000 --steps 1000 100 [--sampler dpm2m]
     python benchmarks/generation.py train-throughput      # training molecules/s of configs/qm9_egnn.yaml
 
 Every mode prints markdown rows to paste into benchmarks/results/generation.md, together with the machine.
@@ -57,16 +57,16 @@ def quality(args) -> None:
     for steps in args.steps:
         t0 = time.perf_counter()
         mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=steps, batch_size=args.batch_size,
-                                seed=args.seed)
+                                seed=args.seed, sampler=args.sampler)
         dt = time.perf_counter() - t0
         m = GenerationMetrics(reference_smiles=ref)
         m.update(mols)
         r = m.compute()
-        print(f"| ancestral | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
+        print(f"| {args.sampler} | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
               f"{100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | {100 * r['novelty']:.1f} | "
               f"{args.n / dt:.2f} |", flush=True)
         if args.json:
-            Path(args.json).with_suffix(f".{steps}.json").write_text(json.dumps({**r, "seconds": dt}, indent=2))
+            Path(args.json).with_suffix(f".{args.sampler}{steps}.json").write_text(json.dumps({**r, "seconds": dt}, indent=2))
 
 
 def train_throughput(args) -> None:
@@ -111,6 +111,7 @@ def main() -> None:
     q.add_argument("--steps", type=int, nargs="+", default=[1000, 100])
     q.add_argument("--batch-size", type=int, default=250)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--sampler", default="ancestral")
     q.add_argument("--checkpoint", default=None)
     q.add_argument("--json", default=None)
     t = sub.add_parser("train-throughput")

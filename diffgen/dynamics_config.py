@@ -17,7 +17,7 @@ import yaml
 from diffgen.config import TrainerConfig, _merge, _update, parse_overrides
 from diffgen.errors import DiffgenError
 
-DATASETS = ("nbody",)
+DATASETS = ("nbody", "alanine_dipeptide")
 
 
 @dataclass
@@ -32,6 +32,13 @@ class DynamicsDataConfig:
     seed_offset: int = 0  # 0 = the benchmark's data seeds
     batch_size: int = 100
     num_workers: int = 0
+    # alanine_dipeptide (OpenMM, diffgen.data.md): runs split by trajectory, pairs (t, t + frame_out - frame_in)
+    md_runs: int = 12
+    md_frames: int = 500
+    md_frame_ps: float = 1.0
+    md_seed: int = 0
+    md_valid_runs: int = 2
+    md_test_runs: int = 2
 
 
 @dataclass
@@ -43,12 +50,15 @@ class DynamicsModelConfig:
     coords_range: float = 10.0
     use_velocity: bool = True  # False: flat EGNN (positions only)
     use_charges: bool = True
+    vel_init: float = 1.0  # initial velocity scale: 1 = constant-velocity guess x + v, 0 = identity
+    n_types: int = 0  # one-hot atom types appended to |v| (4 for alanine dipeptide: H, C, N, O)
 
 
 @dataclass
 class DynamicsOptimConfig:
     lr: float = 5.0e-4
     weight_decay: float = 1.0e-12
+    clip_grad_norm: float = 1.0  # clip the gradient norm (0 = off); guards against rare close-encounter spikes
 
 
 @dataclass
@@ -78,6 +88,13 @@ def _validate(cfg: DynamicsConfig) -> DynamicsConfig:
         for label, f in (("input", d.frame_in), ("target", d.frame_out)):
             if f >= N_FRAMES:
                 raise DiffgenError(f"nbody: {label} frame {f} missing (trajectories have frames 0..{N_FRAMES - 1})")
+    if d.dataset == "alanine_dipeptide":
+        if d.md_valid_runs < 1 or d.md_test_runs < 1 or d.md_runs - d.md_valid_runs - d.md_test_runs < 1:
+            raise DiffgenError(f"data.md_runs={d.md_runs} leaves no training run after {d.md_valid_runs} valid "
+                               f"and {d.md_test_runs} test runs")
+        if d.frame_out <= d.frame_in or d.frame_out - d.frame_in >= d.md_frames:
+            raise DiffgenError(f"MD lag frame_out - frame_in must be in 1..{d.md_frames - 1}, "
+                               f"got {d.frame_out - d.frame_in}")
     if d.frame_in == d.frame_out:
         raise DiffgenError("data.frame_in and data.frame_out must differ")
     if cfg.model.hidden < 1 or cfg.model.n_layers < 1:

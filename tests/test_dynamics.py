@@ -1,6 +1,7 @@
 """N-body simulator, data generator, velocity-aware EGNN dynamics model and `diffgen dynamics` CLI."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,14 +9,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_egnn import random_orthogonal
 
-from diffgen.data.nbody import (coulomb_forces, frame_pairs, generate_nbody, initial_state, load_nbody_split,
-                                simulate, total_energy)
+from diffgen.data.nbody import (
+    coulomb_forces,
+    frame_pairs,
+    generate_nbody,
+    initial_state,
+    load_nbody_split,
+    simulate,
+    total_energy,
+)
 from diffgen.errors import DiffgenError
 from diffgen.models.egnn import EGNN
 from diffgen.models.heads import VelocityEGNNDynamics
-
-from test_egnn import random_orthogonal
 
 
 def _state(seed=0, n_traj=8):
@@ -88,23 +95,26 @@ def _model(seed=0, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("use_velocity", [True, False])
-def test_predictions_are_e3_and_permutation_equivariant(use_velocity):
-    model = _model(use_velocity=use_velocity)
+@pytest.mark.parametrize("use_velocity,n_types", [(True, 0), (False, 0), (True, 3)])
+def test_predictions_are_e3_and_permutation_equivariant(use_velocity, n_types):
+    model = _model(use_velocity=use_velocity, n_types=n_types)
     g = torch.Generator().manual_seed(0)
     pos = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
     vel = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
     q = torch.randint(0, 2, (3, 5), generator=g).double() * 2 - 1
+    types = torch.randint(0, 3, (3, 5), generator=g) if n_types else None
     with torch.no_grad():
-        out = model(pos, vel, q)
+        out = model(pos, vel, q, types)
         assert (out - pos).norm(dim=-1).mean() > 0.05
         t = torch.tensor([0.3, -2.0, 1.1], dtype=torch.float64)
         for det, seed in ((1, 4), (-1, 5)):
             rot = random_orthogonal(det, seed)
-            out2 = model(pos @ rot.T + t, vel @ rot.T, q)
+            out2 = model(pos @ rot.T + t, vel @ rot.T, q, types)
             torch.testing.assert_close(out2, out @ rot.T + t, atol=1e-9, rtol=1e-9)
         perm = torch.tensor([3, 0, 4, 1, 2])
-        torch.testing.assert_close(model(pos[:, perm], vel[:, perm], q[:, perm]), out[:, perm], atol=1e-9, rtol=1e-9)
+        types_p = None if types is None else types[:, perm]
+        torch.testing.assert_close(model(pos[:, perm], vel[:, perm], q[:, perm], types_p), out[:, perm],
+                                   atol=1e-9, rtol=1e-9)
 
 
 def test_egnn_velocity_input_is_validated_and_optional():
@@ -123,15 +133,19 @@ def test_tiny_model_beats_identity_baseline():
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    data = generate_nbody(120, seed=5, n_frames=41)
-    tr = {k: v[:100] for k, v in data.items()}
-    te = {k: v[100:] for k, v in data.items()}
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in vars(frame_pairs(tr, 30, 40)).values()]
+    pos, vel, q = initial_state(120, 5, np.random.default_rng(5))
+    loc, v = simulate(pos, vel, q, n_frames=11)  # 1,000 steps: frame 0 -> frame 10, as 30 -> 40 in the benchmark
+    data = {"loc": loc.astype(np.float32), "vel": v.astype(np.float32), "charges": q.astype(np.float32)}
+    tr = {k: a[:100] for k, a in data.items()}
+    te = {k: a[100:] for k, a in data.items()}
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in vars(frame_pairs(tr, 0, 10)).values()]
     test = torch.utils.data.TensorDataset(*[torch.from_numpy(np.ascontiguousarray(a))
-                                            for a in vars(frame_pairs(te, 30, 40)).values()])
+                                            for a in vars(frame_pairs(te, 0, 10)).values()])
     model = VelocityEGNNDynamics(hidden=16, n_layers=2)
+    with torch.no_grad():
+        before = evaluate_pairs(model, test)["model"]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    for _ in range(30):
         loss = torch.nn.functional.mse_loss(model(*tensors[:3]), tensors[3])
         opt.zero_grad()
         loss.backward()
@@ -139,6 +153,7 @@ def test_tiny_model_beats_identity_baseline():
     with torch.no_grad():
         mse = evaluate_pairs(model, test)
     assert mse["model"] < 0.7 * mse["identity"], mse
+    assert mse["model"] < 0.95 * before, (before, mse)  # it learned (it starts at the constant-velocity guess)
 
 
 def run_cli(*args, env_extra=None):
@@ -170,9 +185,23 @@ def test_cli_train_evaluate_and_bad_input(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
     assert ckpt.is_file()
-    res = run_cli("dynamics", "evaluate", "--checkpoint", str(ckpt), "--json", str(tmp_path / "m.json"), env_extra=env)
-    assert res.returncode == 0, res.stderr
-    assert "identity" in res.stdout and "EGNN" in res.stdout
+    from typer.testing import CliRunner
+
+    from diffgen.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["dynamics", "evaluate", "--checkpoint", str(ckpt), "--json", str(tmp_path / "m.json")],
+                        env={**env, "COLUMNS": "160"})
+    assert res.exit_code == 0, res.output
+    assert "identity" in res.output and "EGNN" in res.output
+    assert set(json.loads((tmp_path / "m.json").read_text())["mse"]) == {"model", "identity", "constant_velocity"}
+    xyz = tmp_path / "pred.xyz"
+    res = runner.invoke(app, ["dynamics", "predict", "--checkpoint", str(ckpt), "--out", str(xyz), "--index", "2"],
+                        env=env)
+    assert res.exit_code == 0, res.output
+    lines = xyz.read_text().splitlines()
+    assert len(lines) == 3 * 7 and lines[0] == "5" and lines[1] == "input frame 30"
+    _one_line_error(run_cli("dynamics", "predict", "--checkpoint", str(ckpt), "--out", str(xyz)), "exists")
     # missing frames (trajectories have 50 frames)
     _one_line_error(run_cli("dynamics", "train", "--out-dir", str(tmp_path / "bad"), *tiny, "data.frame_out=60",
                             env_extra=env), "frame 60 missing")
@@ -183,3 +212,35 @@ def test_cli_train_evaluate_and_bad_input(tmp_path):
                     "mismatched atom counts")
     _one_line_error(run_cli("dynamics", "evaluate", "--checkpoint", str(tmp_path / "nope.ckpt")), "not found")
     _one_line_error(run_cli("dynamics", "train", "--dataset", "md17"), "unknown dataset")
+
+
+def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
+    pytest.importorskip("openmm")
+    from diffgen.data.md import MDSettings, run_path, simulate_run, system_info
+    from diffgen.dynamics_config import dynamics_config_from_dict
+    from diffgen.tasks.dynamics_common import pairs_dataset
+
+    info = system_info()  # the shipped PDB loads with amber99sbildn + OBC
+    assert info["types"].shape == (22,) and abs(info["charges"].sum()) < 1e-6
+    s = MDSettings(n_frames=3, frame_ps=0.02, equil_ps=0.02, seed=4)
+    a, b = simulate_run(s, 0), simulate_run(s, 0)
+    np.testing.assert_array_equal(a["loc"], b["loc"])  # Reference platform: bit-reproducible
+    assert a["loc"].shape == (3, 22, 3) and np.isfinite(a["vel"]).all()
+    assert not np.array_equal(a["loc"], simulate_run(s, 1)["loc"])
+    # split by trajectory: each run gets a distinct constant offset; no run lands in two splits
+    cfg = dynamics_config_from_dict({"data": {"dataset": "alanine_dipeptide", "root": str(tmp_path), "md_runs": 5,
+                                              "md_frames": 4, "md_valid_runs": 1, "md_test_runs": 1,
+                                              "frame_in": 0, "frame_out": 1}})
+    settings = MDSettings(n_runs=5, n_frames=4)
+    for k in range(5):
+        path = run_path(settings, k, tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        loc = np.full((4, 22, 3), 100.0 * k, dtype=np.float32)
+        np.savez(path, loc=loc, vel=np.zeros_like(loc))
+    seen = {}
+    for split in ("train", "valid", "test"):
+        ds = pairs_dataset(cfg, split)
+        seen[split] = set(np.unique(ds.tensors[0].numpy()[:, 0, 0] // 100).astype(int).tolist())
+        assert ds.tensors[0].shape[1:] == (22, 3) and ds.tensors[4].shape[1] == 22
+    assert seen == {"train": {0, 1, 2}, "valid": {3}, "test": {4}}
+    assert len(pairs_dataset(cfg, "train")) == 3 * 3  # 3 runs x (4 - 1) pairs

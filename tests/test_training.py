@@ -65,3 +65,13 @@ def test_ema_warmup_tracks_recent_weights():
     # still sit ~4.9 away from the current weights, the warmed-up one is within 1
     gap = (model.weight - ema.module.weight).abs().max().item()
     assert 0.05 < gap < 1.0
+
+
+def test_single_last_checkpoint(tmp_path):
+    """Only one last.ckpt is ever written (two save_last owners would create last-v1.ckpt and resume
+    from a stale file), and it holds the final step even when the run stops between periodic saves."""
+    cfg = tiny_config(tmp_path / "run", max_steps=3)  # periodic checkpoints every 2 steps
+    train_generation(cfg)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not any(n.startswith("last-v") for n in names), names
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -26,9 +26,13 @@ class VelocityEGNNDynamics(nn.Module):
         use_velocity: velocity-aware updates (eq. 7); False gives the flat EGNN (positions only,
             node feature ``|v|`` is then replaced by a constant).
         use_charges: edge feature ``q_i q_j``.
+        vel_init: initial total velocity scale ``sum_layers phi_v``: 1.0 starts at the constant-velocity guess
+            ``x + v`` (N-body, where the horizon is 1 time unit), 0.0 at the identity (MD, where velocities
+            decorrelate long before the horizon).
+        n_types: number of atom types given as ``types`` (one-hot node features next to ``|v|``); 0: none.
 
     Shapes:
-        pos ``[B, n, 3]``, vel ``[B, n, 3]``, charges ``[B, n]`` -> predicted positions ``[B, n, 3]``
+        pos ``[B, n, 3]``, vel ``[B, n, 3]``, charges ``[B, n]``, types ``[B, n]`` (long, if n_types) -> predicted positions ``[B, n, 3]``
         (same units as ``pos``). Every system is a fully connected graph of ``n`` nodes.
 
     Equivariance: rotating/reflecting/translating ``pos`` (and rotating/reflecting ``vel``) transforms
@@ -36,25 +40,29 @@ class VelocityEGNNDynamics(nn.Module):
     """
 
     def __init__(self, hidden: int = 64, n_layers: int = 4, attention: bool = False, norm_factor: float = 1.0,
-                 coords_range: float = 10.0, use_velocity: bool = True, use_charges: bool = True):
+                 coords_range: float = 10.0, use_velocity: bool = True, use_charges: bool = True, n_types: int = 0,
+                 vel_init: float = 1.0):
         super().__init__()
-        self.use_velocity, self.use_charges = use_velocity, use_charges
-        self.backbone = EGNN(1, hidden=hidden, out_dim=1, n_layers=n_layers, edge_dim=1 if use_charges else 0,
+        self.use_velocity, self.use_charges, self.n_types = use_velocity, use_charges, n_types
+        self.backbone = EGNN(1 + n_types, hidden=hidden, out_dim=1, n_layers=n_layers, edge_dim=1 if use_charges else 0,
                              attention=attention, norm_factor=norm_factor, coords_range=coords_range,
                              velocity=use_velocity)
         if use_velocity:
-            # start at the constant-velocity guess x + v (time ahead 1 in N-body units): each of the
-            # n_layers velocity scales begins at ~1 / n_layers instead of a random value
+            # start at x + vel_init * v: each of the n_layers velocity scales begins at ~vel_init / n_layers
+            # instead of a random value
             for layer in self.backbone.layers:
                 last = layer.vel_mlp[-1]
                 with torch.no_grad():
                     last.weight.mul_(0.01)
-                    last.bias.fill_(1.0 / n_layers)
+                    last.bias.fill_(vel_init / n_layers)
 
-    def forward(self, pos: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor) -> torch.Tensor:
+    def forward(self, pos: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor,
+                types: torch.Tensor | None = None) -> torch.Tensor:
         if pos.dim() != 3 or pos.shape[-1] != 3 or vel.shape != pos.shape or charges.shape != pos.shape[:2]:
             raise ValueError(f"expected pos/vel [B, n, 3] and charges [B, n], got {tuple(pos.shape)}, "
                              f"{tuple(vel.shape)}, {tuple(charges.shape)}")
+        if self.n_types and (types is None or types.shape != pos.shape[:2]):
+            raise ValueError(f"types [B, n] needed (model built with n_types={self.n_types})")
         b, n, _ = pos.shape
         batch = torch.arange(b, device=pos.device).repeat_interleave(n)
         edge_index = fully_connected_edges(batch)
@@ -63,6 +71,9 @@ class VelocityEGNNDynamics(nn.Module):
         q = charges.reshape(b * n).to(pos.dtype)
         row, col = edge_index
         h = v.norm(dim=-1, keepdim=True) if self.use_velocity else torch.ones_like(x[:, :1])
+        if self.n_types:
+            onehot = torch.nn.functional.one_hot(types.reshape(b * n).long(), self.n_types).to(x.dtype)
+            h = torch.cat([h, onehot], dim=-1)
         edge_attr = (q[row] * q[col]).unsqueeze(-1) if self.use_charges else None
         _, out = self.backbone(h, x, edge_index, edge_attr, v if self.use_velocity else None)
         return out.reshape(b, n, 3)

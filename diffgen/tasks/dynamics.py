@@ -28,12 +28,12 @@ class DynamicsTask(pl.LightningModule):
         self.cfg = dynamics_config_from_dict(config)
         self.model = build_model(self.cfg)
 
-    def forward(self, pos, vel, charges):
-        return self.model(pos, vel, charges)
+    def forward(self, pos, vel, charges, types=None):
+        return self.model(pos, vel, charges, types)
 
     def _loss(self, batch):
-        pos, vel, charges, target = batch
-        return torch.nn.functional.mse_loss(self.model(pos, vel, charges), target)
+        pos, vel, charges, target, types = batch
+        return torch.nn.functional.mse_loss(self.model(pos, vel, charges, types), target)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
@@ -43,12 +43,17 @@ class DynamicsTask(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=batch[0].shape[0], sync_dist=True)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.cfg.optim.clip_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+            self.log("train/grad_norm", norm, batch_size=1)
+
     def configure_optimizers(self):
         o = self.cfg.optim
         return torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
-class NBodyDataModule(pl.LightningDataModule):
+class PairsDataModule(pl.LightningDataModule):
     def __init__(self, cfg: DynamicsConfig):
         super().__init__()
         self.cfg = cfg
@@ -68,7 +73,7 @@ def train_dynamics(cfg: DynamicsConfig) -> DynamicsTask:
     """Train (or resume from ``cfg.trainer.out_dir/checkpoints/last.ckpt``) the dynamics model."""
     from diffgen.tasks.training import make_trainer, resume_path
 
-    dm = NBodyDataModule(cfg)  # validates the data (frames, shapes) before anything is printed
+    dm = PairsDataModule(cfg)  # validates the data (frames, shapes) before anything is printed
     pl.seed_everything(cfg.trainer.seed, workers=True)
     task = DynamicsTask(cfg.to_dict())
     trainer = make_trainer(cfg.trainer)

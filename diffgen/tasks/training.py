@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -29,6 +29,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class SaveLastOnTrainEnd(Callback):
+    """Refresh ``last.ckpt`` when fitting ends (``max_time``/``max_steps``/``max_epochs``), so a resume never
+    repeats the steps done since the last periodic checkpoint. Only one ModelCheckpoint may own ``save_last``
+    (two would write ``last-v1.ckpt``), hence this separate callback."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(str(self.path))
+
+
 def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: list | None = None) -> pl.Trainer:
     """A ``pl.Trainer`` writing to ``tc.out_dir`` (``checkpoints/``, ``csv/``, ``tb/``)."""
     out = Path(tc.out_dir)
@@ -37,7 +49,8 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=tc.ckpt_every_n_steps,
                         save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1,
-                        save_last=True, auto_insert_metric_name=False),  # also refresh last.ckpt every validation
+                        auto_insert_metric_name=False),
+        SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(),
         RichProgressBar(),
         *(extra_callbacks or []),

@@ -161,11 +161,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or defaults if ``path`` is None) and apply ``section.key=value`` overrides.
+def read_config_values(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Nested dict of a YAML config file (``{}`` if ``path`` is None) with ``section.key=value`` overrides merged in.
+
+    Shared by every task's config loader (generation, regression, dynamics).
 
     Raises:
-        DiffgenError: unreadable file, invalid YAML, unknown key or wrongly typed value.
+        DiffgenError: unreadable file, invalid YAML, non-mapping document or malformed override.
     """
     values: dict = {}
     if path is not None:
@@ -178,4 +180,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise DiffgenError(f"cannot parse config {p}: {str(exc).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise DiffgenError(f"config {p} must be a YAML mapping")
-    return config_from_dict(_merge(values, parse_overrides(overrides)))
+    return _merge(values, parse_overrides(overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults if ``path`` is None) and apply ``section.key=value`` overrides.
+
+    Raises:
+        DiffgenError: unreadable file, invalid YAML, unknown key or wrongly typed value.
+    """
+    return config_from_dict(read_config_values(path, overrides))

@@ -12,9 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from diffgen.config import TrainerConfig, _merge, _update, parse_overrides
+from diffgen.config import TrainerConfig, _update, read_config_values
 from diffgen.errors import DiffgenError
 
 DATASETS = ("nbody", "alanine_dipeptide")
@@ -117,15 +116,4 @@ def load_dynamics_config(path: str | Path | None = None, overrides: list[str] | 
     Raises:
         DiffgenError: unreadable file, invalid YAML, unknown key, wrongly typed or invalid value.
     """
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DiffgenError(f"config file not found: {p}")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise DiffgenError(f"cannot parse config {p}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise DiffgenError(f"config {p} must be a YAML mapping")
-    return dynamics_config_from_dict(_merge(values, parse_overrides(overrides)))
+    return dynamics_config_from_dict(read_config_values(path, overrides))

@@ -195,16 +195,11 @@ def train(
     out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
 ):
     """Train the generator. Extra arguments are config overrides: section.key=value (e.g. model.hidden=128)."""
-    from diffgen.config import load_config
+    from diffgen.config import load_config, trainer_overrides
     from diffgen.tasks.generation import train_generation
 
     overrides = list(ctx.args)
-    if accelerator:
-        overrides.append(f"trainer.accelerator={accelerator}")
-    if devices:
-        overrides.append(f"trainer.devices={devices}")
-    if out_dir:
-        overrides.append(f"trainer.out_dir={out_dir}")
+    overrides += trainer_overrides(accelerator, devices, out_dir)
     cfg = load_config(config, overrides)
     train_generation(cfg)
 

@@ -50,16 +50,12 @@ def train(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Train a dynamics model. Extra arguments are config overrides: section.key=value (e.g. optim.lr=1e-3)."""
+    from diffgen.config import trainer_overrides
     from diffgen.dynamics_config import load_dynamics_config
 
     overrides = list(ctx.args)
     overrides.append(f"data.dataset={dataset}")
-    if accelerator:
-        overrides.append(f"trainer.accelerator={accelerator}")
-    if devices:
-        overrides.append(f"trainer.devices={devices}")
-    if out_dir:
-        overrides.append(f"trainer.out_dir={out_dir}")
+    overrides += trainer_overrides(accelerator, devices, out_dir)
     if config is None and DEFAULT_CONFIG.is_file():
         config = DEFAULT_CONFIG
     cfg = load_dynamics_config(config, overrides)

@@ -55,6 +55,7 @@ def train(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Train a regressor. Extra arguments are config overrides: section.key=value (e.g. optim.lr=5e-4)."""
+    from diffgen.config import trainer_overrides
     from diffgen.regression_config import load_regression_config
     from diffgen.tasks.regression_targets import resolve_targets
 
@@ -65,12 +66,7 @@ def train(
         if subset not in ("half0", "half1"):
             raise DiffgenError(f"unknown --subset {subset!r}: choose half0 or half1")
         overrides.append(f"data.subset={subset}")
-    if accelerator:
-        overrides.append(f"trainer.accelerator={accelerator}")
-    if devices:
-        overrides.append(f"trainer.devices={devices}")
-    if out_dir:
-        overrides.append(f"trainer.out_dir={out_dir}")
+    overrides += trainer_overrides(accelerator, devices, out_dir)
     if config is None and DEFAULT_CONFIG.is_file():
         config = DEFAULT_CONFIG
     cfg = load_regression_config(config, overrides)

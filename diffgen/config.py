@@ -152,6 +152,13 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return out
 
 
+def trainer_overrides(accelerator: str | None = None, devices: str | None = None,
+                      out_dir: str | None = None) -> list[str]:
+    """``trainer.*`` overrides for the CLI's ``--accelerator/--devices/--out-dir`` options (unset ones are skipped)."""
+    given = {"accelerator": accelerator, "devices": devices, "out_dir": out_dir}
+    return [f"trainer.{key}={value}" for key, value in given.items() if value]
+
+
 def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):

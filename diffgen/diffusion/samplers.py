@@ -89,12 +89,9 @@ def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int =
     Raises:
         ValueError: ``steps < 1`` or an atom count < 1.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    n_atoms, batch, pos, h = _initial_state(diffusion, n_atoms, generator)
+    n_atoms, batch, pos, h, edge_index = _initial_state(diffusion, n_atoms, steps, generator)
     device = pos.device
     den = diffusion.denoiser
-    edge_index = build_edges(pos, batch, den.graph, den.cutoff, den.k) if den.graph == "full" else None
     n_graphs = n_atoms.numel()
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     for i in range(steps):
@@ -119,7 +116,14 @@ def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int =
     return SampleBatch(pos=pos.cpu(), z=decode_types(h).cpu(), batch=batch.cpu(), n_atoms=n_atoms)
 
 
-def _initial_state(diffusion: VPDiffusion, n_atoms, generator):
+def _initial_state(diffusion: VPDiffusion, n_atoms, steps: int, generator):
+    """Validate ``steps``/``n_atoms``; draw zero-CoM ``pos`` and ``h`` from the prior; build the (fixed) full graph.
+
+    Returns ``(n_atoms [B], batch [N], pos [N, 3], h [N, 6], edge_index or None)``; the edge index is None for
+    position-dependent graphs (radius/kNN), which the denoiser then rebuilds at every call.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     n_atoms = torch.as_tensor(n_atoms, dtype=torch.long).cpu()
     if n_atoms.numel() == 0 or bool((n_atoms < 1).any()):
         raise ValueError("every molecule needs at least one atom")
@@ -127,7 +131,10 @@ def _initial_state(diffusion: VPDiffusion, n_atoms, generator):
     batch = torch.repeat_interleave(torch.arange(n_atoms.numel()), n_atoms)
     pos = com_free_noise(batch, generator).to(device)
     h = torch.randn(batch.numel(), N_FEATURES, generator=generator).to(device)
-    return n_atoms, batch.to(device), pos, h
+    batch = batch.to(device)
+    den = diffusion.denoiser
+    edge_index = build_edges(pos, batch, den.graph, den.cutoff, den.k) if den.graph == "full" else None
+    return n_atoms, batch, pos, h, edge_index
 
 
 @torch.no_grad()
@@ -142,12 +149,9 @@ def dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int 
     Raises:
         ValueError: ``steps < 1`` or an atom count < 1.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    n_atoms, batch, pos, h = _initial_state(diffusion, n_atoms, generator)
+    n_atoms, batch, pos, h, edge_index = _initial_state(diffusion, n_atoms, steps, generator)
     device = pos.device
     den = diffusion.denoiser
-    edge_index = build_edges(pos, batch, den.graph, den.cutoff, den.k) if den.graph == "full" else None
     sched = diffusion.schedule
     g_grid = torch.linspace(float(sched.table[-1]), float(sched.table[0]), steps + 1, dtype=torch.float64)
     t_grid = sched.t_of_gamma(g_grid)

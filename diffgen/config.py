@@ -44,6 +44,9 @@ class DiffusionConfig:
     schedule: str = "polynomial"  # polynomial | cosine
     T: int = 1000
     s: float = 1.0e-5
+    parameterization: str = "eps"  # eps (EDM) | x0
+    loss_weight: str = "uniform"  # uniform (EDM) | min_snr (Hang et al. 2023)
+    min_snr: float = 5.0
 
 
 @dataclass
@@ -103,6 +106,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if hint is typ or text in (typ.__name__, f"{typ.__name__} | None"):
             if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if typ is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
             if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 return str(value)
             if isinstance(value, typ) and not isinstance(value, bool):
@@ -194,6 +202,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (or defaults if ``path`` is None) and apply ``section.key=value`` overrides.
 
     Raises:
-        DiffgenError: unreadable file, invalid YAML, unknown key or wrongly typed value.
+        DiffgenError: unreadable file, invalid YAML, unknown key, wrongly typed or unknown choice.
     """
-    return config_from_dict(read_config_values(path, overrides))
+    cfg = config_from_dict(read_config_values(path, overrides))
+    choices = {"diffusion.schedule": ("polynomial", "cosine"), "diffusion.parameterization": ("eps", "x0"),
+               "diffusion.loss_weight": ("uniform", "min_snr"), "model.graph": ("full", "radius", "knn")}
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise DiffgenError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
+    return cfg

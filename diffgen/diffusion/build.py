@@ -16,7 +16,8 @@ def build_diffusion(cfg: Config) -> VPDiffusion:
     backbone = EGNN(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
                     attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range)
     denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k)
-    return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s))
+    return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s), parameterization=d.parameterization,
+                       loss_weight=d.loss_weight, min_snr=d.min_snr)
 
 
 def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = 1000,

@@ -9,6 +9,9 @@ estimate, with atom types from the argmax of the one-hot part.
 ``dpm2m`` (deterministic): DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), a second-order multistep
 solver of the probability-flow ODE in data (``x0``) prediction, on a grid uniform in
 ``log_snr = -gamma``. Same decoding and re-centring as the ancestral sampler.
+
+``dpm2m-sde`` (stochastic): SDE-DPM-Solver++(2M) (Lu et al. 2022, App. B), the same multistep ``x0``
+extrapolation for the reverse SDE on the same reduced log-SNR grid, with fresh zero-CoM noise every step.
 """
 from __future__ import annotations
 
@@ -91,13 +94,12 @@ def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int =
     """
     n_atoms, batch, pos, h, edge_index = _initial_state(diffusion, n_atoms, steps, generator)
     device = pos.device
-    den = diffusion.denoiser
     n_graphs = n_atoms.numel()
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     for i in range(steps):
         t, s = grid[i], grid[i + 1]
         t_vec = torch.full((n_graphs,), float(t), device=device)
-        eps_pos, eps_h = den(pos, h, t_vec, batch, edge_index)
+        eps_pos, eps_h = diffusion.predict_eps(pos, h, t_vec, batch, edge_index)
         gamma_t = diffusion.gamma(t.to(device)).float()
         gamma_s = diffusion.gamma(s.to(device)).float()
         if i < steps - 1:
@@ -137,43 +139,52 @@ def _initial_state(diffusion: VPDiffusion, n_atoms, steps: int, generator):
     return n_atoms, batch, pos, h, edge_index
 
 
-@torch.no_grad()
-def dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int = 50,
-                      generator: torch.Generator | None = None,
-                      progress: Callable[[int], None] | None = None) -> SampleBatch:
-    """Generate molecules with DPM-Solver++(2M) on a log-SNR-uniform grid (``steps`` network evaluations).
+def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progress, stochastic: bool) -> SampleBatch:
+    """DPM-Solver++(2M) in data prediction on a log-SNR-uniform grid; ``stochastic`` selects the SDE variant.
 
-    Deterministic given the initial noise, i.e. given ``generator``'s state. Arguments and return as
-    :func:`ancestral_sample`.
+    With ``lambda = log(alpha / sigma)``, step ``h = lambda_s - lambda_t > 0`` and ``D`` the (second-order,
+    multistep) ``x0`` estimate, the update from ``t`` to ``s`` is (Lu et al. 2022, DPM-Solver++, Alg. 2 and
+    App. B "SDE-DPM-Solver++(2M)")::
 
-    Raises:
-        ValueError: ``steps < 1`` or an atom count < 1.
+        ODE:  z_s = (sigma_s / sigma_t) z_t + alpha_s (1 - e^-h) D
+        SDE:  z_s = (sigma_s / sigma_t) e^-h z_t + alpha_s (1 - e^-2h) D + sigma_s sqrt(1 - e^-2h) noise
+
+    with ``D = x0_t + (x0_t - x0_prev) / (2 r)``, ``r = h_prev / h`` (first order at the first step). The
+    position noise is zero-CoM and positions are re-centred after every step.
     """
     n_atoms, batch, pos, h, edge_index = _initial_state(diffusion, n_atoms, steps, generator)
     device = pos.device
-    den = diffusion.denoiser
     sched = diffusion.schedule
     g_grid = torch.linspace(float(sched.table[-1]), float(sched.table[0]), steps + 1, dtype=torch.float64)
     t_grid = sched.t_of_gamma(g_grid)
     lam = -0.5 * g_grid  # log(alpha / sigma)
-    prev = None  # (x0_pos, x0_h, h_step) of the previous step
+    prev = None  # (x0_pos, x0_h, step) of the previous step
     for i in range(steps):
         g_t, g_s = g_grid[i].float().to(device), g_grid[i + 1].float().to(device)
         t_vec = torch.full((n_atoms.numel(),), float(t_grid[i]), device=device)
-        eps_pos, eps_h = den(pos, h, t_vec, batch, edge_index)
+        eps_pos, eps_h = diffusion.predict_eps(pos, h, t_vec, batch, edge_index)
         a_t, s_t = alpha(g_t), sigma(g_t)
         x0_pos, x0_h = (pos - s_t * eps_pos) / a_t, (h - s_t * eps_h) / a_t
         step = float(lam[i + 1] - lam[i])
         if prev is None:
             d_pos, d_h = x0_pos, x0_h
         else:
-            r = prev[2] / step
-            d_pos = (1 + 0.5 / r) * x0_pos - (0.5 / r) * prev[0]
-            d_h = (1 + 0.5 / r) * x0_h - (0.5 / r) * prev[1]
+            c = 0.5 * step / prev[2]  # 1 / (2 r)
+            d_pos, d_h = (1 + c) * x0_pos - c * prev[0], (1 + c) * x0_h - c * prev[1]
         a_s, s_s = alpha(g_s), sigma(g_s)
-        coef = -a_s * torch.expm1(torch.tensor(-step, device=device))
-        pos = remove_mean((s_s / s_t) * pos + coef * d_pos, batch)
-        h = (s_s / s_t) * h + coef * d_h
+        if stochastic:
+            decay = torch.tensor(-2.0 * step, device=device, dtype=torch.float64)
+            keep = float((s_s / s_t).double() * torch.exp(decay / 2))
+            coef = float(a_s.double() * -torch.expm1(decay))
+            noise_std = float(s_s.double() * torch.sqrt(-torch.expm1(decay)))
+            noise_pos = com_free_noise(batch.cpu(), generator).to(device)
+            noise_h = torch.randn(h.shape, generator=generator).to(device)
+            pos = remove_mean(keep * pos + coef * d_pos + noise_std * noise_pos, batch)
+            h = keep * h + coef * d_h + noise_std * noise_h
+        else:
+            coef = -a_s * torch.expm1(torch.tensor(-step, device=device))
+            pos = remove_mean((s_s / s_t) * pos + coef * d_pos, batch)
+            h = (s_s / s_t) * h + coef * d_h
         prev = (x0_pos, x0_h, step)
         if progress is not None:
             progress(1)
@@ -181,7 +192,38 @@ def dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int 
     return SampleBatch(pos=(pos / a_0).cpu(), z=decode_types(h / a_0).cpu(), batch=batch.cpu(), n_atoms=n_atoms)
 
 
-SAMPLERS: dict[str, Callable[..., SampleBatch]] = {"ancestral": ancestral_sample, "dpm2m": dpm_solver_sample}
+@torch.no_grad()
+def dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int = 50,
+                      generator: torch.Generator | None = None,
+                      progress: Callable[[int], None] | None = None) -> SampleBatch:
+    """Generate molecules with DPM-Solver++(2M) (probability-flow ODE) on a log-SNR-uniform grid.
+
+    ``steps`` network evaluations. Deterministic given the initial noise, i.e. given ``generator``'s state.
+    Arguments and return as :func:`ancestral_sample`.
+
+    Raises:
+        ValueError: ``steps < 1`` or an atom count < 1.
+    """
+    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=False)
+
+
+@torch.no_grad()
+def sde_dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int = 50,
+                          generator: torch.Generator | None = None,
+                          progress: Callable[[int], None] | None = None) -> SampleBatch:
+    """Generate molecules with SDE-DPM-Solver++(2M) (stochastic, reduced log-SNR grid; Lu et al. 2022, App. B).
+
+    ``steps`` network evaluations; fresh zero-CoM noise at every step. Arguments and return as
+    :func:`ancestral_sample`.
+
+    Raises:
+        ValueError: ``steps < 1`` or an atom count < 1.
+    """
+    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=True)
+
+
+SAMPLERS: dict[str, Callable[..., SampleBatch]] = {"ancestral": ancestral_sample, "dpm2m": dpm_solver_sample,
+                                                   "dpm2m-sde": sde_dpm_solver_sample}
 
 
 def get_sampler(name: str) -> Callable[..., SampleBatch]:

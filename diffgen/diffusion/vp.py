@@ -9,8 +9,14 @@ Hoogeboom, Satorras, Vignac & Welling, "Equivariant Diffusion for Molecule Gener
   the position part of ``eps`` lives in the zero-center-of-mass subspace of each molecule (EDM Sec. 3.2);
 * the network predicts ``eps``; its position output is projected to zero center of mass, which makes the
   model's density translation invariant (EDM eq. 9);
-* training loss: plain L2 between ``eps`` and ``eps_hat``, averaged over atoms and features of each
-  molecule and over molecules, ``t ~ U(0, 1)`` (EDM Alg. 1, continuous time).
+* training loss: L2 between ``eps`` and ``eps_hat``, averaged over atoms and features of each
+  molecule and over molecules, ``t ~ U(0, 1)`` (EDM Alg. 1, continuous time), times an optional weight
+  of the noise level (``loss_weight``): ``"uniform"`` (EDM) or ``"min_snr"``, ``min(SNR, k) / SNR``
+  (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", eq. 5 for eps targets);
+* parameterisation (``parameterization``): ``"eps"`` (EDM) - the network outputs the noise; ``"x0"`` -
+  the network outputs the clean sample (positions as ``z_t`` plus its equivariant displacement, types as its
+  invariant output) and ``eps_hat = (z_t - alpha_t x0_hat) / sigma_t`` (Kingma et al. 2021, VDM, App. D).
+  Samplers always see ``eps_hat`` through :meth:`VPDiffusion.predict_eps`.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from diffgen.diffusion.schedules import NoiseSchedule, alpha, sigma
 ONE_HOT_SCALE = 4.0  # EDM: one-hot types divided by 4
 CHARGE_SCALE = 10.0  # EDM: atomic numbers divided by 10
 N_FEATURES = NUM_TYPES + 1  # one-hot (5) + scaled Z (1)
+PARAMETERIZATIONS = ("eps", "x0")
+LOSS_WEIGHTS = ("uniform", "min_snr")
 
 
 def remove_mean(pos: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
@@ -91,10 +99,32 @@ class VPDiffusion(nn.Module):
         schedule: :class:`NoiseSchedule` (default EDM polynomial_2 with s = 1e-5).
     """
 
-    def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule | None = None):
+    def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule | None = None, parameterization: str = "eps",
+                 loss_weight: str = "uniform", min_snr: float = 5.0):
         super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        if loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"loss_weight must be one of {LOSS_WEIGHTS}, got {loss_weight!r}")
+        if min_snr <= 0:
+            raise ValueError(f"min_snr must be positive, got {min_snr}")
         self.denoiser = denoiser
         self.schedule = schedule if schedule is not None else NoiseSchedule()
+        self.parameterization, self.loss_weight, self.min_snr = parameterization, loss_weight, min_snr
+
+    def predict_eps(self, pos_t: torch.Tensor, h_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor,
+                    edge_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eps_hat`` for ``z_t = [pos_t [N, 3], h_t [N, 6]]`` at times ``t [B]``, whatever the parameterisation.
+
+        Returns ``(eps_pos [N, 3] zero-CoM, eps_h [N, 6])``.
+        """
+        out_pos, out_h = self.denoiser(pos_t, h_t, t, batch, edge_index)
+        if self.parameterization == "eps":
+            return out_pos, out_h
+        g = self.gamma(t)[batch].unsqueeze(-1).to(pos_t.dtype)
+        a, s = alpha(g), sigma(g)
+        x0_pos = remove_mean(pos_t, batch) + out_pos  # the backbone's displacement is zero-CoM already
+        return (pos_t - a * x0_pos) / s, (h_t - a * out_h) / s
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
         """``gamma(t) = -log_snr(t)`` for ``t`` in [0, 1] (any shape)."""
@@ -117,12 +147,13 @@ class VPDiffusion(nn.Module):
         return a * pos + s * eps_pos, a * h + s * eps_h, eps_pos, eps_h
 
     def loss(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, t: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean squared eps-prediction error (EDM Alg. 1), a scalar.
+             generator: torch.Generator | None = None, weighted: bool = True) -> torch.Tensor:
+        """Mean squared eps-prediction error (EDM Alg. 1), weighted by ``loss_weight``, a scalar.
 
         Args:
             pos ``[N, 3]`` positions in Å (centred here); z ``[N]`` atomic numbers; batch ``[N]``;
-            t ``[B]`` optional times in [0, 1] (default ``U(0, 1)``).
+            t ``[B]`` optional times in [0, 1] (default ``U(0, 1)``);
+            weighted: False gives the plain (uniform) eps-MSE, comparable across loss weightings.
         """
         n_graphs = int(batch.max()) + 1 if batch.numel() else 0
         if t is None:
@@ -130,7 +161,10 @@ class VPDiffusion(nn.Module):
         pos = remove_mean(pos, batch)
         h = encode_types(z)
         pos_t, h_t, eps_pos, eps_h = self.noise(pos, h, t, batch, generator)
-        pred_pos, pred_h = self.denoiser(pos_t, h_t, t, batch)
+        pred_pos, pred_h = self.predict_eps(pos_t, h_t, t, batch)
         err = (pred_pos - eps_pos).pow(2).sum(-1) + (pred_h - eps_h).pow(2).sum(-1)  # [N]
         per_graph = scatter(err, batch, dim=0, dim_size=n_graphs, reduce="mean") / (3 + N_FEATURES)
+        if weighted and self.loss_weight == "min_snr":
+            snr = torch.exp(-self.gamma(t)).to(per_graph.dtype)
+            per_graph = per_graph * snr.clamp(max=self.min_snr) / snr
         return per_graph.mean()

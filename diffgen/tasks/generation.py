@@ -52,6 +52,9 @@ class GenerationTask(pl.LightningModule):
         t = torch.rand(batch.num_graphs, generator=gen).to(batch.pos.device)
         loss = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch.num_graphs, sync_dist=True)
+        if self.cfg.diffusion.loss_weight != "uniform":  # the plain eps-MSE, comparable across weightings
+            plain = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t, weighted=False)
+            self.log("val/eps_mse", plain, batch_size=batch.num_graphs, sync_dist=True)
 
     def on_validation_epoch_end(self):
         tc = self.cfg.trainer

@@ -51,6 +51,10 @@ class DynamicsModelConfig:
     use_charges: bool = True
     vel_init: float = 1.0  # initial velocity scale: 1 = constant-velocity guess x + v, 0 = identity
     n_types: int = 0  # one-hot atom types appended to |v| (4 for alanine dipeptide: H, C, N, O)
+    # EGHN hierarchy block (Han et al. 2022; diffgen.models.eghn): K soft clusters per system, 0 = off (flat model)
+    pool_clusters: int = 0
+    pool_layers: int = 2  # layers of the cluster EGNN
+    pool_reg_weight: float = 0.01  # weight of the assignment regulariser (crispness + balance) in the training loss
 
 
 @dataclass
@@ -58,6 +62,9 @@ class DynamicsOptimConfig:
     lr: float = 5.0e-4
     weight_decay: float = 1.0e-12
     clip_grad_norm: float = 1.0  # clip the gradient norm (0 = off); guards against rare close-encounter spikes
+    lr_schedule: str = "constant"  # constant | cosine (cosine decay to lr_min over trainer.max_epochs)
+    lr_min: float = 0.0
+    init_from: str | None = None  # start from this dynamics checkpoint's weights (fresh optimizer), e.g. to fine-tune
 
 
 @dataclass
@@ -98,6 +105,17 @@ def _validate(cfg: DynamicsConfig) -> DynamicsConfig:
         raise DiffgenError("data.frame_in and data.frame_out must differ")
     if cfg.model.hidden < 1 or cfg.model.n_layers < 1:
         raise DiffgenError("model.hidden and model.n_layers must be >= 1")
+    if cfg.optim.lr_schedule not in ("constant", "cosine"):
+        raise DiffgenError(f"unknown optim.lr_schedule {cfg.optim.lr_schedule!r}: choose constant or cosine")
+    if cfg.optim.init_from is not None and not Path(cfg.optim.init_from).is_file():
+        raise DiffgenError(f"optim.init_from: checkpoint not found: {cfg.optim.init_from}")
+    m = cfg.model
+    if m.pool_clusters < 0:
+        raise DiffgenError(f"model.pool_clusters must be >= 0 (0 = no pooling), got {m.pool_clusters}")
+    if m.pool_clusters and m.pool_layers < 1:
+        raise DiffgenError(f"model.pool_layers must be >= 1 with pooling, got {m.pool_layers}")
+    if m.pool_reg_weight < 0:
+        raise DiffgenError(f"model.pool_reg_weight must be >= 0, got {m.pool_reg_weight}")
     if cfg.optim.lr <= 0:
         raise DiffgenError(f"optim.lr must be positive, got {cfg.optim.lr}")
     return cfg

@@ -80,7 +80,11 @@ class EGNNLayer(nn.Module):
         h = h + self.node_mlp(torch.cat([h, agg], dim=-1))
         if self.update_pos:
             diff = pos[row] - pos[col]
-            dist = diff.pow(2).sum(-1, keepdim=True).sqrt()
+            d2 = diff.pow(2).sum(-1, keepdim=True)
+            # sqrt has an infinite derivative at 0: coincident nodes (e.g. two empty EGHN clusters, both at the
+            # centroid) would give NaN gradients. Their shift is 0 whatever ``dist`` is (diff = 0), so use 1 there;
+            # for distinct nodes the forward value is bit-identical to sqrt(d2).
+            dist = torch.where(d2 > 0, d2, torch.ones_like(d2)).sqrt()
             gate = torch.tanh(self.coord_mlp(self.coord_in(h, edge_attr, row, col))) * self.coords_range
             shift = diff / (dist + 1.0) * gate
             pos = pos + scatter(shift, row, dim=0, dim_size=pos.shape[0], reduce="sum") / self.norm_factor

@@ -8,6 +8,10 @@ invariant scale of the input velocity in every layer,
 
 with node feature ``|v_i|`` and edge features ``q_i q_j`` (charges) and ``|x_i - x_j|^2``
 (the latter is built into the backbone, at the current layer and at the input).
+
+With ``pool_clusters = K > 0`` the model gets the EGHN hierarchy block (Han et al. 2022, Sec. 3;
+:mod:`diffgen.models.eghn`): atom EGNN (the backbone above) -> E-Pool into ``K`` clusters -> cluster EGNN ->
+E-UnPool -> one more atom EGNN layer refining the positions. ``K = 0`` is the flat model, unchanged.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from diffgen.data.graphs import fully_connected_edges
+from diffgen.models.eghn import EquivariantPooling
 from diffgen.models.egnn import EGNN
 
 
@@ -30,23 +35,40 @@ class VelocityEGNNDynamics(nn.Module):
             ``x + v`` (N-body, where the horizon is 1 time unit), 0.0 at the identity (MD, where velocities
             decorrelate long before the horizon).
         n_types: number of atom types given as ``types`` (one-hot node features next to ``|v|``); 0: none.
+        pool_clusters: ``K``; 0 (default) = flat model, exactly as without pooling (same parameters and outputs).
+            ``K >= 1``: the backbone outputs ``hidden`` atom features, then :class:`EquivariantPooling`
+            (``pool_layers`` cluster EGNN layers) moves atoms by their clusters' displacements, and a final
+            1-layer atom EGNN (``refine``, charges as edge features, no velocity) refines the positions; its
+            coordinate shift is averaged over the ``n - 1`` neighbours (EGNN's ``C = 1/|N(i)|``), so it is at most
+            ``coords_range`` and cannot undo the backbone wholesale (with a sum, 21 saturated gates on alanine
+            dipeptide could move an atom by 210 Å, and training drifted into such states).
+            Each forward then stores the assignment regulariser (scalar tensor, with gradient) in
+            ``last_reg``, to be added to the loss with a weight; ``last_reg`` stays None for the flat model.
+        pool_layers: layers of the cluster EGNN (used only if ``pool_clusters > 0``).
 
     Shapes:
         pos ``[B, n, 3]``, vel ``[B, n, 3]``, charges ``[B, n]``, types ``[B, n]`` (long, if n_types) -> predicted positions ``[B, n, 3]``
         (same units as ``pos``). Every system is a fully connected graph of ``n`` nodes.
 
     Equivariance: rotating/reflecting/translating ``pos`` (and rotating/reflecting ``vel``) transforms
-    the prediction the same way; permuting the atoms (with their charges) permutes it.
+    the prediction the same way; permuting the atoms (with their charges) permutes it. Holds with pooling too.
+
+    Raises:
+        ValueError: ``pool_clusters < 0`` or ``pool_layers < 1`` with pooling (construction); wrong input shapes,
+            missing ``types``, or ``pool_clusters`` larger than the number of atoms ``n`` (forward).
     """
 
     def __init__(self, hidden: int = 64, n_layers: int = 4, attention: bool = False, norm_factor: float = 1.0,
                  coords_range: float = 10.0, use_velocity: bool = True, use_charges: bool = True, n_types: int = 0,
-                 vel_init: float = 1.0):
+                 vel_init: float = 1.0, pool_clusters: int = 0, pool_layers: int = 2):
         super().__init__()
+        if pool_clusters < 0:
+            raise ValueError(f"pool_clusters must be >= 0 (0 = no pooling), got {pool_clusters}")
         self.use_velocity, self.use_charges, self.n_types = use_velocity, use_charges, n_types
-        self.backbone = EGNN(1 + n_types, hidden=hidden, out_dim=1, n_layers=n_layers, edge_dim=1 if use_charges else 0,
-                             attention=attention, norm_factor=norm_factor, coords_range=coords_range,
-                             velocity=use_velocity)
+        self.pool_clusters = pool_clusters
+        self.backbone = EGNN(1 + n_types, hidden=hidden, out_dim=hidden if pool_clusters else 1, n_layers=n_layers,
+                             edge_dim=1 if use_charges else 0, attention=attention, norm_factor=norm_factor,
+                             coords_range=coords_range, velocity=use_velocity)
         if use_velocity:
             # start at x + vel_init * v: each of the n_layers velocity scales begins at ~vel_init / n_layers
             # instead of a random value
@@ -55,6 +77,12 @@ class VelocityEGNNDynamics(nn.Module):
                 with torch.no_grad():
                     last.weight.mul_(0.01)
                     last.bias.fill_(vel_init / n_layers)
+        self.last_reg: torch.Tensor | None = None
+        if pool_clusters:  # created after the backbone: with K = 0 nothing is added and the init is unchanged
+            self.pool = EquivariantPooling(hidden, pool_clusters, n_layers=pool_layers, attention=attention,
+                                           norm_factor=norm_factor, coords_range=coords_range)
+            self.refine = EGNN(hidden, hidden=hidden, out_dim=1, n_layers=1, edge_dim=1 if use_charges else 0,
+                               attention=attention, norm_factor=norm_factor, coords_range=coords_range)
 
     def forward(self, pos: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor,
                 types: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,5 +103,12 @@ class VelocityEGNNDynamics(nn.Module):
             onehot = torch.nn.functional.one_hot(types.reshape(b * n).long(), self.n_types).to(x.dtype)
             h = torch.cat([h, onehot], dim=-1)
         edge_attr = (q[row] * q[col]).unsqueeze(-1) if self.use_charges else None
-        _, out = self.backbone(h, x, edge_index, edge_attr, v if self.use_velocity else None)
+        if self.pool_clusters > n:
+            raise ValueError(f"pool_clusters={self.pool_clusters} exceeds the {n} atoms per system")
+        h, out = self.backbone(h, x, edge_index, edge_attr, v if self.use_velocity else None)
+        if self.pool_clusters:
+            h, out, self.last_reg = self.pool(h.reshape(b, n, -1), out.reshape(b, n, 3))
+            x = out.reshape(b * n, 3)
+            _, refined = self.refine(h.reshape(b * n, -1), x, edge_index, edge_attr)
+            out = x + (refined - x) / max(n - 1, 1)
         return out.reshape(b, n, 3)

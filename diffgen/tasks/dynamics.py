@@ -31,16 +31,26 @@ class DynamicsTask(pl.LightningModule):
     def forward(self, pos, vel, charges, types=None):
         return self.model(pos, vel, charges, types)
 
-    def _loss(self, batch):
+    def _loss(self, batch, with_reg: bool = False):
+        """MSE of the predicted positions; with ``with_reg`` and pooling on, ``(mse + w * reg, reg)`` instead.
+
+        ``reg`` is the EGHN assignment regulariser of :mod:`diffgen.models.eghn` and ``w`` = ``model.pool_reg_weight``.
+        """
         pos, vel, charges, target, types = batch
-        return torch.nn.functional.mse_loss(self.model(pos, vel, charges, types), target)
+        mse = torch.nn.functional.mse_loss(self.model(pos, vel, charges, types), target)
+        if not with_reg:
+            return mse
+        reg = self.model.last_reg if self.cfg.model.pool_clusters else None
+        return (mse, None) if reg is None else (mse + self.cfg.model.pool_reg_weight * reg, reg)
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        loss, reg = self._loss(batch, with_reg=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        if reg is not None:
+            self.log("train/pool_reg", reg, batch_size=batch[0].shape[0])
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx):  # pure MSE (no regulariser): comparable with the flat model
         self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=batch[0].shape[0], sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -50,7 +60,12 @@ class DynamicsTask(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        return torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        if o.lr_schedule == "constant":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.cfg.trainer.max_epochs, 1),
+                                                           eta_min=o.lr_min)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
 class PairsDataModule(pl.LightningDataModule):
@@ -76,6 +91,10 @@ def train_dynamics(cfg: DynamicsConfig) -> DynamicsTask:
     dm = PairsDataModule(cfg)  # validates the data (frames, shapes) before anything is printed
     pl.seed_everything(cfg.trainer.seed, workers=True)
     task = DynamicsTask(cfg.to_dict())
+    if cfg.optim.init_from is not None and resume_path(cfg.trainer) is None:
+        from diffgen.tasks.dynamics_common import load_model
+
+        task.model.load_state_dict(load_model(cfg.optim.init_from)[0].state_dict())
     trainer = make_trainer(cfg.trainer)
     trainer.fit(task, datamodule=dm, ckpt_path=resume_path(cfg.trainer))
     return task

@@ -1,0 +1,240 @@
+"""EGHN hierarchy block (diffgen.models.eghn) and its wiring into the dynamics model, config and task."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_egnn import random_orthogonal
+
+from diffgen.dynamics_config import dynamics_config_from_dict
+from diffgen.errors import DiffgenError
+from diffgen.models.eghn import EquivariantPooling, assignment_regulariser
+from diffgen.models.egnn import EGNN
+from diffgen.models.heads import VelocityEGNNDynamics
+
+
+def _inputs(b=3, n=6, n_types=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(b, n, 3, generator=g, dtype=torch.float64) * 2.0
+    vel = torch.randn(b, n, 3, generator=g, dtype=torch.float64)
+    q = torch.randint(0, 2, (b, n), generator=g).double() * 2 - 1
+    types = torch.randint(0, n_types, (b, n), generator=g)
+    return pos, vel, q, types
+
+
+def _egnns(model):
+    yield model.backbone
+    if model.pool_clusters:
+        yield model.pool.cluster_egnn
+        yield model.refine
+
+
+def _pooled(k=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=k, pool_layers=2, **kw).double()
+    for net in _egnns(model):  # make every coordinate update large enough to matter in the checks
+        for layer in net.layers:
+            torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
+            if layer.velocity:
+                torch.nn.init.normal_(layer.vel_mlp[-1].weight, std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_pooled_predictions_are_e3_and_permutation_equivariant(k):
+    model = _pooled(k)
+    pos, vel, q, types = _inputs()
+    with torch.no_grad():
+        out = model(pos, vel, q, types)
+        reg = model.last_reg
+        assert out.shape == pos.shape and (out - pos).norm(dim=-1).mean() > 0.05
+        # the hierarchy matters: switching off the cluster displacement changes the prediction
+        _, x = model.backbone(*_flat_args(model, pos, vel, q, types))
+        assert not torch.allclose(out.reshape(-1, 3), x)
+        t = torch.tensor([0.3, -2.0, 1.1], dtype=torch.float64)
+        for det, seed in ((1, 4), (-1, 5)):
+            rot = random_orthogonal(det, seed)
+            out2 = model(pos @ rot.T + t, vel @ rot.T, q, types)
+            torch.testing.assert_close(out2, out @ rot.T + t, atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(model.last_reg, reg, atol=1e-12, rtol=1e-12)
+        perm = torch.tensor([3, 0, 5, 4, 1, 2])
+        out_p = model(pos[:, perm], vel[:, perm], q[:, perm], types[:, perm])
+        torch.testing.assert_close(out_p, out[:, perm], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(model.last_reg, reg, atol=1e-12, rtol=1e-12)
+
+
+def test_float32_pooled_model_is_equivariant_to_1e4():
+    torch.manual_seed(0)  # default initialisation: moves atoms by a few units, as at the start of training
+    model = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=4).eval()
+    pos, vel, q, types = (a.float() if a.is_floating_point() else a for a in _inputs(b=2, n=22, seed=3))
+    rot, t = random_orthogonal(-1, 7).float(), torch.tensor([5.0, -3.0, 2.0])
+    with torch.no_grad():
+        out = model(pos, vel, q, types)
+        assert (out - pos).norm(dim=-1).mean() > 0.05
+        torch.testing.assert_close(model(pos @ rot.T + t, vel @ rot.T, q, types), out @ rot.T + t,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def _flat_args(model, pos, vel, q, types):
+    """Inputs of the backbone exactly as the flat (pre-EGHN) forward builds them."""
+    from diffgen.data.graphs import fully_connected_edges
+
+    b, n, _ = pos.shape
+    edges = fully_connected_edges(torch.arange(b).repeat_interleave(n))
+    v = vel.reshape(b * n, 3)
+    h = torch.cat([v.norm(dim=-1, keepdim=True),
+                   torch.nn.functional.one_hot(types.reshape(-1), model.n_types).to(pos.dtype)], -1)
+    qq = q.reshape(-1)
+    return h, pos.reshape(b * n, 3), edges, (qq[edges[0]] * qq[edges[1]]).unsqueeze(-1), v
+
+
+def test_assignments_sum_to_one_and_pooled_positions_are_equivariant():
+    torch.manual_seed(0)
+    pool = EquivariantPooling(hidden=8, n_clusters=3).double()
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    pos = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([10.0, -4.0, 7.0], dtype=torch.float64)
+    rot = random_orthogonal(1, 2)
+    with torch.no_grad():
+        log_s, mass, z, hk, _ = pool.pool(h, pos)
+        torch.testing.assert_close(log_s.exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
+        torch.testing.assert_close(mass.sum(-1), torch.full((2,), 5.0, dtype=torch.float64))
+        assert z.shape == (2, 3, 3) and hk.shape == (2, 3, 8)
+        _, _, z_t, hk_t, _ = pool.pool(h, pos + t)
+        torch.testing.assert_close(z_t, z + t)
+        torch.testing.assert_close(hk_t, hk)
+        torch.testing.assert_close(pool.pool(h, pos @ rot.T)[2], z @ rot.T)
+        # an (almost) empty cluster keeps exact translation equivariance (centred weighted mean)
+        pool.assign[-1].bias.copy_(torch.tensor([0.0, 0.0, -80.0], dtype=torch.float64))
+        _, mass, z, _, _ = pool.pool(h, pos)
+        assert float(mass[:, 2].max()) < 1e-30
+        torch.testing.assert_close(pool.pool(h, pos + t)[2], z + t)
+        _, pos_out, reg = pool(h, pos)
+        assert torch.isfinite(pos_out).all() and torch.isfinite(reg)
+
+
+def test_pool_clusters_zero_is_exactly_the_flat_model():
+    pos, vel, q, types = (a.float() if a.is_floating_point() else a for a in _inputs(n=7))
+    torch.manual_seed(0)
+    old = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3)
+    torch.manual_seed(0)
+    flat = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=0)
+    assert list(flat.state_dict()) == list(old.state_dict())
+    assert all(torch.equal(a, old.state_dict()[k]) for k, a in flat.state_dict().items())
+    # parameter count of the pre-EGHN model (hidden=16, n_layers=2, no types: 5,651 in 46 tensors)
+    plain = VelocityEGNNDynamics(hidden=16, n_layers=2, pool_clusters=0)
+    assert sum(p.numel() for p in plain.parameters()) == 5651 and len(plain.state_dict()) == 46
+    assert not any(k.startswith(("pool.", "refine.")) for k in flat.state_dict())
+    out = flat(pos, vel, q, types)
+    assert flat.last_reg is None
+    assert torch.equal(out, flat.backbone(*_flat_args(flat, pos, vel, q, types))[1].reshape(out.shape))
+    assert torch.equal(out, old(pos, vel, q, types))
+
+
+def test_regulariser_is_finite_bounded_and_has_gradient():
+    model = _pooled(3).train()
+    pos, vel, q, types = _inputs()
+    model(pos, vel, q, types)
+    reg = model.last_reg
+    assert reg.dim() == 0 and torch.isfinite(reg) and 0.0 <= reg.item() <= 2.0
+    reg.backward()
+    grads = [p.grad for p in model.pool.assign.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert sum(float(gr.abs().sum()) for gr in grads) > 0
+    backbone_grad = model.backbone.embed_out.weight.grad  # reaches the atom features through the assignment
+    assert backbone_grad is not None and float(backbone_grad.abs().sum()) > 0
+    # reference values: uniform -> 1 (fuzzy, balanced); crisp + balanced -> 0; all in one cluster -> 1
+    k = 4
+    uniform = torch.full((1, 8, k), -math.log(k), dtype=torch.float64)
+    assert float(assignment_regulariser(uniform)) == pytest.approx(1.0)
+    crisp = torch.log_softmax(torch.eye(k, dtype=torch.float64).repeat(2, 1)[None] * 60, -1)
+    assert float(assignment_regulariser(crisp)) == pytest.approx(0.0, abs=1e-12)
+    collapsed = torch.log_softmax(torch.tensor([60.0, 0, 0, 0], dtype=torch.float64).expand(1, 8, k), -1)
+    assert float(assignment_regulariser(collapsed)) == pytest.approx(1.0, abs=1e-12)
+    one = torch.zeros(2, 5, 1, dtype=torch.float64, requires_grad=True)
+    assert assignment_regulariser(one).item() == 0.0
+    # extreme logits: finite value and gradient
+    extreme = torch.tensor([[[200.0, -200.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    r = assignment_regulariser(torch.log_softmax(extreme, -1))
+    r.backward()
+    assert torch.isfinite(r) and torch.isfinite(extreme.grad).all()
+
+
+def test_tiny_pooled_model_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    n = 6  # one type per atom, so per-atom random targets can be told apart
+    model = VelocityEGNNDynamics(hidden=32, n_layers=2, n_types=n, pool_clusters=2, pool_layers=1, vel_init=0.0)
+    g = torch.Generator().manual_seed(0)
+    pos, vel = torch.randn(2, n, 3, generator=g) * 1.5, torch.randn(2, n, 3, generator=g)
+    q, types = torch.randn(2, n, generator=g), torch.arange(n).expand(2, n)
+    target = pos + torch.randn(2, n, 3, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(100):
+        mse = torch.nn.functional.mse_loss(model(pos, vel, q, types), target)
+        loss = mse + 0.01 * model.last_reg
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(mse.item())
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])  # measured ~0.05x
+
+
+def test_invalid_pooling_settings_give_one_line_errors():
+    with pytest.raises(ValueError, match="pool_clusters must be >= 0"):
+        VelocityEGNNDynamics(hidden=8, n_layers=1, pool_clusters=-1)
+    with pytest.raises(ValueError, match="n_layers >= 1"):
+        VelocityEGNNDynamics(hidden=8, n_layers=1, pool_clusters=2, pool_layers=0)
+    model = VelocityEGNNDynamics(hidden=8, n_layers=1, pool_clusters=6)
+    with pytest.raises(ValueError, match="pool_clusters=6 exceeds the 5 atoms") as exc:
+        model(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.ones(2, 5))
+    assert "\n" not in str(exc.value)
+    for bad, msg in (({"pool_clusters": -1}, "pool_clusters must be >= 0"),
+                     ({"pool_clusters": 2, "pool_layers": 0}, "pool_layers must be >= 1"),
+                     ({"pool_reg_weight": -0.1}, "pool_reg_weight must be >= 0")):
+        with pytest.raises(DiffgenError, match=msg) as exc:
+            dynamics_config_from_dict({"model": bad})
+        assert "\n" not in str(exc.value)
+
+
+def test_task_adds_weighted_regulariser_and_old_checkpoints_load(tmp_path):
+    from diffgen.tasks.dynamics import DynamicsTask
+    from diffgen.tasks.dynamics_common import build_model, load_model
+
+    cfg = dynamics_config_from_dict({"model": {"hidden": 8, "n_layers": 1, "pool_clusters": 2,
+                                               "pool_reg_weight": 0.5}})
+    task = DynamicsTask(cfg.to_dict())
+    assert task.model.pool_clusters == 2 and task.model.pool.cluster_egnn.layers.__len__() == 2
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.ones(2, 5),
+             torch.randn(2, 5, 3, generator=g), torch.zeros(2, 5, dtype=torch.long))
+    loss, reg = task._loss(batch, with_reg=True)
+    mse = task._loss(batch)
+    torch.testing.assert_close(loss, mse + 0.5 * reg)
+    flat_task = DynamicsTask(dynamics_config_from_dict({"model": {"hidden": 8, "n_layers": 1}}).to_dict())
+    loss, reg = flat_task._loss(batch, with_reg=True)
+    assert reg is None and torch.equal(loss, flat_task._loss(batch))
+    # a checkpoint written before the pooling fields existed: config without them, flat state dict
+    old_cfg = dynamics_config_from_dict({"model": {"hidden": 8, "n_layers": 1}}).to_dict()
+    for key in ("pool_clusters", "pool_layers", "pool_reg_weight"):
+        del old_cfg["model"][key]
+    model = build_model(dynamics_config_from_dict(old_cfg))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"hyper_parameters": {"config": old_cfg}, "state_dict": state}, tmp_path / "old.ckpt")
+    loaded, loaded_cfg = load_model(tmp_path / "old.ckpt")
+    assert loaded_cfg.model.pool_clusters == 0 and loaded.last_reg is None
+    assert isinstance(loaded.backbone, EGNN) and not hasattr(loaded, "pool")
+
+
+def test_coincident_nodes_give_finite_gradients_and_unchanged_outputs():
+    """Two empty clusters both sit at the centroid: the EGNN distance must not produce NaN gradients there."""
+    torch.manual_seed(0)
+    net = EGNN(2, hidden=8, n_layers=2).double()
+    pos = torch.tensor([[0.0, 0, 0], [0.0, 0, 0], [1.0, 2.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, 2, dtype=torch.float64)
+    edges = torch.tensor([[0, 0, 1, 1, 2, 2], [1, 2, 0, 2, 0, 1]])
+    _, out = net(h, pos, edges)
+    out.pow(2).sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(pos.grad).all()

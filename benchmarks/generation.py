@@ -5,6 +5,13 @@ Usage::
     python benchmarks/generation.py speed                 # `diffgen sample --n 100` wall time at 1000 and 100 steps
     python benchmarks/generation.py quality --n 1000 --steps 1000 100 [--sampler dpm2m]
     python benchmarks/generation.py train-throughput      # training molecules/s of configs/qm9_egnn.yaml
+    python benchmarks/generation.py sweep --samplers ancestral dpm2m dpm2m-sde --nfe 100 50 20 10 --n 1000
+    python benchmarks/generation.py score-sdf --sampler ancestral --nfe 1000 --seconds 2900 runs/s*/samples.sdf
+    python benchmarks/generation.py report                # -> the sweep table in benchmarks/results/generation.md
+
+``sweep`` and ``score-sdf`` store one JSON per (sampler, NFE) cell in benchmarks/results/generation_cells/
+(a cell that exists is skipped, so a sweep can be split across processes or resumed); ``report`` turns the
+cells into the markdown table between the sweep markers of benchmarks/results/generation.md.
 
 Every mode prints markdown rows to paste into benchmarks/results/generation.md, together with the machine.
 """
@@ -69,6 +76,103 @@ def quality(args) -> None:
             Path(args.json).with_suffix(f".{args.sampler}{steps}.json").write_text(json.dumps({**r, "seconds": dt}, indent=2))
 
 
+CELLS = Path(__file__).parent / "results" / "generation_cells"
+REPORT = Path(__file__).parent / "results" / "generation.md"
+START, END = "<!-- sweep table: start (python benchmarks/generation.py report) -->", "<!-- sweep table: end -->"
+#: EDM (Hoogeboom et al. 2022, Table 2), 10,000 samples; see ../shared/reference/qm9_generation.md.
+PUBLISHED_EDM = {"atom_stability": 0.987, "mol_stability": 0.820, "validity": 0.919, "valid_unique": 0.907}
+
+
+def _cell_path(sampler: str, nfe: int) -> Path:
+    return CELLS / f"{sampler}_{nfe}.json"
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end"
+
+
+def _score(mols, n: int, seconds: float, **info) -> dict:
+    from diffgen.eval.chem import GenerationMetrics
+    from diffgen.eval.reference import training_smiles
+
+    m = GenerationMetrics(reference_smiles=training_smiles())
+    m.update(mols)
+    r = {k: v for k, v in m.compute().items() if isinstance(v, (int, float))}
+    return {**r, "n": n, "seconds": seconds, "molecules_per_s": n / seconds if seconds else None, **info}
+
+
+def sweep(args) -> None:
+    from diffgen.checkpoints import load_generator
+    from diffgen.diffusion.build import sample_molecules
+    from diffgen.diffusion.samplers import get_sampler
+
+    for name in args.samplers:
+        get_sampler(name)
+    gen = load_generator(args.checkpoint, device=args.device)
+    CELLS.mkdir(parents=True, exist_ok=True)
+    for name in args.samplers:
+        for nfe in args.nfe:
+            out = _cell_path(name, nfe)
+            if out.exists() and not args.force:
+                print(f"skip {out} (exists; --force to redo)", flush=True)
+                continue
+            t0 = time.perf_counter()
+            mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=nfe, batch_size=args.batch_size,
+                                    seed=args.seed, sampler=name)
+            dt = time.perf_counter() - t0
+            cmd = (f"python benchmarks/generation.py sweep --samplers {name} --nfe {nfe} --n {args.n} "
+                   f"--batch-size {args.batch_size} --seed {args.seed}")
+            r = _score(mols, args.n, dt, sampler=name, nfe=nfe, device=_device_name(args.device),
+                       checkpoint=str(gen.source), command=cmd)
+            out.write_text(json.dumps(r, indent=2))
+            print(f"{name} {nfe}: atom {100 * r['atom_stability']:.1f} mol {100 * r['mol_stability']:.1f} "
+                  f"valid {100 * r['validity']:.1f} ({dt:.0f} s)", flush=True)
+
+
+def score_sdf(args) -> None:
+    """Score molecules sampled elsewhere (e.g. several `diffgen sample` runs) as one cell."""
+    from diffgen.io import read_molecules
+
+    mols = [m for f in args.files for m in read_molecules(f)]
+    CELLS.mkdir(parents=True, exist_ok=True)
+    r = _score(mols, len(mols), args.seconds, sampler=args.sampler, nfe=args.nfe, device=args.device_name or machine(),
+               checkpoint=args.checkpoint or "shipped", command=args.command or "")
+    _cell_path(args.sampler, args.nfe).write_text(json.dumps(r, indent=2))
+    print(json.dumps(r, indent=2))
+
+
+def report(args) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    order = {s: i for i, s in enumerate(["ancestral", "dpm2m-sde", "dpm2m"])}
+    rows.sort(key=lambda r: (order.get(r["sampler"], 99), -r["nfe"]))
+    lines = ["", "",
+             "EDM metrics (family A) of the shipped generator for each sampler and number of network evaluations",
+             "(NFE). Cells come from benchmarks/results/generation_cells/*.json; each names its command and device.",
+             "molecules/s is the sampling rate during the cell, on the device named in the cell.", "",
+             "| sampler | NFE | molecules | atom stab % | mol stab % | valid % | valid & unique % | novelty % | "
+             "molecules/s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mps = f"{r['molecules_per_s']:.2f}" if r.get("molecules_per_s") else "-"
+        lines.append(f"| {r['sampler']} | {r['nfe']} | {r['n']} | {100 * r['atom_stability']:.1f} | "
+                     f"{100 * r['mol_stability']:.1f} | {100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | "
+                     f"{100 * r['novelty']:.1f} | {mps} | {r['device']} |")
+    p = PUBLISHED_EDM
+    lines += [f"| EDM, published (GPU-trained 5.3 M model) | 1000 | 10,000 | {100 * p['atom_stability']:.1f} | "
+              f"{100 * p['mol_stability']:.1f} | {100 * p['validity']:.1f} | {100 * p['valid_unique']:.1f} | - | - | "
+              "RTX 3090 (paper) |", "", "Commands:", ""]
+    lines += [f"* {r['sampler']} {r['nfe']}: `{r['command']}`" for r in rows if r.get("command")]
+    block = "\n".join([START, *lines[2:], END])
+    text = REPORT.read_text() if REPORT.exists() else ""
+    if START in text and END in text:
+        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text + ("\n" if text else "") + block + "\n"
+    REPORT.write_text(text)
+    print(block)
+
+
 def train_throughput(args) -> None:
     from torch_geometric.loader import DataLoader
 
@@ -118,8 +222,27 @@ def main() -> None:
     t.add_argument("--config", default="configs/qm9_egnn.yaml")
     t.add_argument("--iters", type=int, default=30)
     t.add_argument("--warmup", type=int, default=5)
+    w = sub.add_parser("sweep")
+    w.add_argument("--samplers", nargs="+", default=["ancestral", "dpm2m-sde", "dpm2m"])
+    w.add_argument("--nfe", type=int, nargs="+", default=[1000, 100, 50, 20, 10])
+    w.add_argument("--n", type=int, default=1000)
+    w.add_argument("--batch-size", type=int, default=100)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--checkpoint", default=None)
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--force", action="store_true")
+    f = sub.add_parser("score-sdf")
+    f.add_argument("files", nargs="+")
+    f.add_argument("--sampler", required=True)
+    f.add_argument("--nfe", type=int, required=True)
+    f.add_argument("--seconds", type=float, default=0.0, help="total sampling seconds of these molecules")
+    f.add_argument("--checkpoint", default=None)
+    f.add_argument("--device-name", default=None)
+    f.add_argument("--command", default=None)
+    sub.add_parser("report")
     args = p.parse_args()
-    {"speed": speed, "quality": quality, "train-throughput": train_throughput}[args.mode](args)
+    {"speed": speed, "quality": quality, "train-throughput": train_throughput, "sweep": sweep, "score-sdf": score_sdf,
+     "report": report}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from diffgen.cli_regress import regress_app
 from diffgen.cli_dynamics import dynamics_app
+from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.errors import DiffgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -82,8 +83,9 @@ def _new_out_dir(out: Optional[Path]) -> Path:
 def sample(
     n: int = typer.Option(100, "--n", help="Number of molecules."),
     checkpoint: Optional[Path] = typer.Option(None, help="Generator weights (.safetensors or Lightning .ckpt); default: shipped."),
-    steps: int = typer.Option(1000, help="Denoising steps (network evaluations per molecule)."),
-    sampler: str = typer.Option("ancestral", help="ancestral (EDM, stochastic) or dpm2m (DPM-Solver++(2M), deterministic ODE)."),
+    steps: int = typer.Option(DEFAULT_STEPS, help="Denoising steps (network evaluations per molecule)."),
+    sampler: str = typer.Option(DEFAULT_SAMPLER, help="ancestral (EDM, stochastic), dpm2m-sde (SDE-DPM-Solver++(2M), "
+                                "stochastic) or dpm2m (DPM-Solver++(2M), deterministic ODE)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same molecules."),
     batch_size: int = typer.Option(100, help="Molecules per network call."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: a new diffgen_samples/<time> folder)."),

@@ -101,3 +101,15 @@ def test_evaluate_missing_file(tmp_path: Path):
 
 def test_unknown_config_key(tmp_path: Path):
     assert_one_line_error(run_cli("train", "--out-dir", str(tmp_path), "model.widht=3"), "unknown config key model.widht")
+
+
+def test_sample_with_each_sampler_and_unknown_sampler(tmp_path: Path):
+    from diffgen.diffusion.samplers import SAMPLERS
+
+    for name in SAMPLERS:
+        res = run_cli("sample", "--n", "2", "--steps", "3", "--sampler", name, "--out", str(tmp_path / name),
+                      "--no-novelty")
+        assert res.returncode == 0, res.stderr
+        assert f"{name} sampler" in res.stdout
+    assert_one_line_error(run_cli("sample", "--n", "2", "--sampler", "heun9", "--out", str(tmp_path / "x")),
+                          "unknown sampler")

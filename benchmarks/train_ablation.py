@@ -4,7 +4,7 @@ Each variant trains ``configs/qm9_egnn.yaml`` plus the common budget overrides p
 ``diffgen train``, then scores the EMA weights of its last checkpoint on
 
 * the plain (uniformly weighted) eps-MSE of 2,000 validation molecules with fixed ``t`` and noise, and
-* EDM metrics of ``--n-samples`` molecules from the ancestral sampler (``--eval-steps`` steps, fixed seed).
+* EDM metrics of ``--n-samples`` molecules from the ancestral sampler (``--eval-steps`` steps, seed 0).
 
 Usage::
 
@@ -75,7 +75,8 @@ def score(name: str, out: Path, n_samples: int, eval_steps: int) -> dict:
     gen = load_generator(out / name / "checkpoints" / "last.ckpt")
     gen.diffusion.eval()
     result = {"eps_mse": held_out_eps_mse(gen.diffusion)}
-    mols = sample_molecules(gen.diffusion, gen.node_dist, n_samples, steps=eval_steps, batch_size=125, seed=0)
+    mols = sample_molecules(gen.diffusion, gen.node_dist, n_samples, steps=eval_steps, batch_size=125, seed=0,
+                            sampler="ancestral")
     m = GenerationMetrics()
     m.update(mols)
     result.update({k: v for k, v in m.compute().items() if isinstance(v, float)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from diffgen.config import Config
+from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.diffusion.samplers import NodeCountDistribution, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.diffusion.vp import N_FEATURES, Denoiser, VPDiffusion
@@ -20,9 +21,9 @@ def build_diffusion(cfg: Config) -> VPDiffusion:
                        loss_weight=d.loss_weight, min_snr=d.min_snr)
 
 
-def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = 1000,
+def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = DEFAULT_STEPS,
                      batch_size: int = 100, seed: int = 0, progress=None,
-                     sampler: str = "ancestral") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     sampler: str = DEFAULT_SAMPLER) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Draw ``n`` molecules: atom counts from ``node_dist``, then ``sampler`` (see
     :data:`diffgen.diffusion.samplers.SAMPLERS`) in batches.
 

@@ -148,8 +148,9 @@ def report(args) -> None:
     order = {s: i for i, s in enumerate(["ancestral", "dpm2m-sde", "dpm2m"])}
     rows.sort(key=lambda r: (order.get(r["sampler"], 99), -r["nfe"]))
     lines = ["", "",
-             "EDM metrics (family A) of the shipped generator for each sampler and number of network evaluations",
-             "(NFE). Cells come from benchmarks/results/generation_cells/*.json; each names its command and device.",
+             "EDM metrics (family A) for each sampler and number of network evaluations (NFE), checkpoint: "
+             + "; ".join(sorted({f"`{r['checkpoint']}`" for r in rows})) + ".",
+             "Cells come from benchmarks/results/generation_cells/*.json; each names its command and device.",
              "molecules/s is the sampling rate during the cell, on the device named in the cell.", "",
              "| sampler | NFE | molecules | atom stab % | mol stab % | valid % | valid & unique % | novelty % | "
              "molecules/s | device |", "|---|---|---|---|---|---|---|---|---|---|"]

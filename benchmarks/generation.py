@@ -52,7 +52,6 @@ def speed(args) -> None:
 
 def quality(args) -> None:
     from diffgen.checkpoints import load_generator
-    from diffgen.eval.chem import GenerationMetrics
     from diffgen.eval.reference import training_smiles
     from diffgen.diffusion.build import sample_molecules
 
@@ -66,14 +65,12 @@ def quality(args) -> None:
         mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=steps, batch_size=args.batch_size,
                                 seed=args.seed, sampler=args.sampler)
         dt = time.perf_counter() - t0
-        m = GenerationMetrics(reference_smiles=ref)
-        m.update(mols)
-        r = m.compute()
+        r = _score(mols, args.n, dt, ref)
         print(f"| {args.sampler} | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
               f"{100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | {100 * r['novelty']:.1f} | "
               f"{args.n / dt:.2f} |", flush=True)
         if args.json:
-            Path(args.json).with_suffix(f".{args.sampler}{steps}.json").write_text(json.dumps({**r, "seconds": dt}, indent=2))
+            Path(args.json).with_suffix(f".{args.sampler}{steps}.json").write_text(json.dumps(r, indent=2))
 
 
 CELLS = Path(__file__).parent / "results" / "generation_cells"
@@ -93,11 +90,11 @@ def _device_name(device: str) -> str:
     return f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end"
 
 
-def _score(mols, n: int, seconds: float, **info) -> dict:
+def _score(mols, n: int, seconds: float, ref: set[str], **info) -> dict:
+    """EDM metrics of ``mols`` (novelty against ``ref``) plus ``n``, ``seconds``, molecules/s and ``info``."""
     from diffgen.eval.chem import GenerationMetrics
-    from diffgen.eval.reference import training_smiles
 
-    m = GenerationMetrics(reference_smiles=training_smiles())
+    m = GenerationMetrics(reference_smiles=ref)
     m.update(mols)
     r = {k: v for k, v in m.compute().items() if isinstance(v, (int, float))}
     return {**r, "n": n, "seconds": seconds, "molecules_per_s": n / seconds if seconds else None, **info}
@@ -110,7 +107,10 @@ def sweep(args) -> None:
 
     for name in args.samplers:
         get_sampler(name)
+    from diffgen.eval.reference import training_smiles
+
     gen = load_generator(args.checkpoint, device=args.device)
+    ref = training_smiles()
     CELLS.mkdir(parents=True, exist_ok=True)
     for name in args.samplers:
         for nfe in args.nfe:
@@ -124,7 +124,7 @@ def sweep(args) -> None:
             dt = time.perf_counter() - t0
             cmd = (f"python benchmarks/generation.py sweep --samplers {name} --nfe {nfe} --n {args.n} "
                    f"--batch-size {args.batch_size} --seed {args.seed}")
-            r = _score(mols, args.n, dt, sampler=name, nfe=nfe, device=_device_name(args.device),
+            r = _score(mols, args.n, dt, ref, sampler=name, nfe=nfe, device=_device_name(args.device),
                        checkpoint=str(gen.source), command=cmd)
             out.write_text(json.dumps(r, indent=2))
             print(f"{name} {nfe}: atom {100 * r['atom_stability']:.1f} mol {100 * r['mol_stability']:.1f} "
@@ -133,11 +133,12 @@ def sweep(args) -> None:
 
 def score_sdf(args) -> None:
     """Score molecules sampled elsewhere (e.g. several `diffgen sample` runs) as one cell."""
+    from diffgen.eval.reference import training_smiles
     from diffgen.io import read_molecules
 
     mols = [m for f in args.files for m in read_molecules(f)]
     CELLS.mkdir(parents=True, exist_ok=True)
-    r = _score(mols, len(mols), args.seconds, sampler=args.sampler, nfe=args.nfe, device=args.device_name or machine(),
+    r = _score(mols, len(mols), args.seconds, training_smiles(), sampler=args.sampler, nfe=args.nfe, device=args.device_name or machine(),
                checkpoint=args.checkpoint or "shipped", command=args.command or "")
     _cell_path(args.sampler, args.nfe).write_text(json.dumps(r, indent=2))
     print(json.dumps(r, indent=2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 from diffgen.config import TrainerConfig, _update, read_config_values
+from diffgen.data.md import MDSettings
 from diffgen.errors import DiffgenError
 
 DATASETS = ("nbody", "alanine_dipeptide")
@@ -32,10 +33,10 @@ class DynamicsDataConfig:
     batch_size: int = 100
     num_workers: int = 0
     # alanine_dipeptide (OpenMM, diffgen.data.md): runs split by trajectory, pairs (t, t + frame_out - frame_in)
-    md_runs: int = 12
-    md_frames: int = 500
-    md_frame_ps: float = 1.0
-    md_seed: int = 0
+    md_runs: int = MDSettings.n_runs  # simulation defaults live in one place: diffgen.data.md.MDSettings
+    md_frames: int = MDSettings.n_frames
+    md_frame_ps: float = MDSettings.frame_ps
+    md_seed: int = MDSettings.seed
     md_valid_runs: int = 2
     md_test_runs: int = 2
 

@@ -95,9 +95,10 @@ def _model(seed=0, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("use_velocity,n_types", [(True, 0), (False, 0), (True, 3)])
-def test_predictions_are_e3_and_permutation_equivariant(use_velocity, n_types):
-    model = _model(use_velocity=use_velocity, n_types=n_types)
+@pytest.mark.parametrize("use_velocity,n_types,pair_velocity", [(True, 0, False), (False, 0, False), (True, 3, False),
+                                                                 (True, 0, True)])
+def test_predictions_are_e3_and_permutation_equivariant(use_velocity, n_types, pair_velocity):
+    model = _model(use_velocity=use_velocity, n_types=n_types, pair_velocity=pair_velocity)
     g = torch.Generator().manual_seed(0)
     pos = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
     vel = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
@@ -126,6 +127,25 @@ def test_egnn_velocity_input_is_validated_and_optional():
         plain(h, pos, edges, vel=torch.randn(4, 3))
     with pytest.raises(ValueError, match="vel must have shape"):
         EGNN(2, hidden=8, n_layers=1, velocity=True)(h, pos, edges)
+    with pytest.raises(ValueError, match="pair_velocity needs velocity"):
+        EGNN(2, hidden=8, n_layers=1, pair_velocity=True)
+
+
+def test_pair_velocity_reads_relative_motion():
+    """Two pairs with the same positions and speeds |v_i| but opposite relative motion (approaching vs receding)
+    get different invariant features only with ``pair_velocity``: EGNN's eq. 7 layer sees the speeds alone."""
+    pos = torch.tensor([[-1.0, 0, 0], [1.0, 0, 0]], dtype=torch.float64)
+    vel = torch.tensor([[0.5, 0, 0], [-0.5, 0, 0]], dtype=torch.float64)
+    edges = torch.tensor([[0, 1], [1, 0]])
+    for pair in (False, True):
+        torch.manual_seed(0)
+        net = EGNN(1, hidden=8, n_layers=1, velocity=True, pair_velocity=pair).double()
+        speed = vel.norm(dim=-1, keepdim=True)
+        with torch.no_grad():
+            h_in, _ = net(speed, pos, edges, vel=vel)
+            h_out, _ = net(speed, pos, edges, vel=-vel)
+        gap = float((h_in - h_out).abs().max())
+        assert (gap > 1e-4) == pair, (pair, gap)
 
 
 def test_tiny_model_beats_identity_baseline():

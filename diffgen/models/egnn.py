@@ -48,13 +48,20 @@ class EGNNLayer(nn.Module):
         coords_range: bound ``r`` of the tanh-gated coordinate update (Å).
         velocity: also move ``pos`` along a given velocity, ``x_i += phi_v(h_i) v_i`` (EGNN eq. 7,
             Satorras et al. 2021); off by default, and then the layer is unchanged.
+        pair_velocity: (needs ``velocity``) also move ``x_i`` along the neighbours' velocities,
+            ``x_i += sum_j v_j psi(m_ij) / Z`` with ``psi`` a second output of the coordinate MLP. Velocities
+            do not change under translations, so any invariant combination of them is an E(n)-equivariant
+            displacement. Used with the pairwise velocity invariants of :class:`EGNN`.
     """
 
     def __init__(self, hidden: int, edge_dim: int, attention: bool = True, update_pos: bool = True,
-                 norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False):
+                 norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False,
+                 pair_velocity: bool = False):
         super().__init__()
         if velocity and not update_pos:
             raise ValueError("a velocity-aware layer must update positions")
+        if pair_velocity and not velocity:
+            raise ValueError("pair_velocity needs velocity=True")
         act = nn.SiLU()
         self.norm_factor, self.coords_range, self.update_pos = norm_factor, coords_range, update_pos
         self.edge_in = _PairLinear(hidden, edge_dim, hidden)
@@ -63,10 +70,10 @@ class EGNNLayer(nn.Module):
         self.node_mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), act, nn.Linear(hidden, hidden))
         if update_pos:
             self.coord_in = _PairLinear(hidden, edge_dim, hidden)
-            last = nn.Linear(hidden, 1, bias=False)
+            last = nn.Linear(hidden, 2 if pair_velocity else 1, bias=False)
             nn.init.xavier_uniform_(last.weight, gain=0.001)  # start close to the identity map on pos
             self.coord_mlp = nn.Sequential(act, nn.Linear(hidden, hidden), act, last)
-        self.velocity = velocity
+        self.velocity, self.pair_velocity = velocity, pair_velocity
         if velocity:  # phi_v: invariant per-node scale of the velocity
             self.vel_mlp = nn.Sequential(nn.Linear(hidden, hidden), act, nn.Linear(hidden, 1))
 
@@ -85,8 +92,10 @@ class EGNNLayer(nn.Module):
             # centroid) would give NaN gradients. Their shift is 0 whatever ``dist`` is (diff = 0), so use 1 there;
             # for distinct nodes the forward value is bit-identical to sqrt(d2).
             dist = torch.where(d2 > 0, d2, torch.ones_like(d2)).sqrt()
-            gate = torch.tanh(self.coord_mlp(self.coord_in(h, edge_attr, row, col))) * self.coords_range
-            shift = diff / (dist + 1.0) * gate
+            phi = self.coord_mlp(self.coord_in(h, edge_attr, row, col))
+            shift = diff / (dist + 1.0) * torch.tanh(phi[:, :1]) * self.coords_range
+            if self.pair_velocity:
+                shift = shift + vel[col] * phi[:, 1:]
             pos = pos + scatter(shift, row, dim=0, dim_size=pos.shape[0], reduce="sum") / self.norm_factor
             if self.velocity:
                 pos = pos + self.vel_mlp(h) * vel
@@ -111,6 +120,12 @@ class EGNN(nn.Module):
         velocity: velocity-aware position updates (EGNN eq. 7): ``forward`` then needs ``vel``
             ``[N, 3]`` and every layer adds ``phi_v(h_i) v_i`` to ``x_i``. Off by default (no extra
             parameters, identical behaviour).
+        pair_velocity: (needs ``velocity``) complete the pairwise invariants with the velocities: every layer's
+            edge features also get ``(x_i - x_j).v_i``, ``(x_i - x_j).v_j`` and ``v_i.v_j`` (with ``|x_i - x_j|^2``
+            and the node features ``|v|`` these are the Gram matrix of ``x_i - x_j, v_i, v_j``, i.e. all their
+            O(3) invariants), and positions also move along the neighbours' velocities (see
+            :class:`EGNNLayer`). In EGNN a node sees other nodes' velocities only through their norms; the
+            relative motion of a pair (approaching or receding, how fast) is what decides a close encounter.
 
     Shapes:
         h ``[N, in_dim]``, pos ``[N, 3]`` (Å), edge_index ``[2, E]`` (row = receiver),
@@ -122,21 +137,25 @@ class EGNN(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int = 256, out_dim: int | None = None, n_layers: int = 9,
                  edge_dim: int = 0, attention: bool = True, invariant: bool = False,
-                 norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False):
+                 norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False,
+                 pair_velocity: bool = False):
         super().__init__()
+        if pair_velocity and not velocity:
+            raise ValueError("pair_velocity needs velocity=True")
         if velocity and invariant:
             raise ValueError("an invariant EGNN cannot use velocities")
         if n_layers < 1 or hidden < 1 or in_dim < 1:
             raise ValueError("EGNN needs in_dim >= 1, hidden >= 1 and n_layers >= 1")
         self.in_dim, self.hidden, self.edge_dim = in_dim, hidden, edge_dim
         self.out_dim = out_dim if out_dim is not None else hidden
-        self.invariant, self.velocity = invariant, velocity
+        self.invariant, self.velocity, self.pair_velocity = invariant, velocity, pair_velocity
         self.embed_in = nn.Linear(in_dim, hidden)
         self.embed_out = nn.Linear(hidden, self.out_dim)
-        # edge features: |x_i - x_j|^2 now, |x_i - x_j|^2 at the input, plus user-given extras
+        # edge features: |x_i - x_j|^2 now, |x_i - x_j|^2 at the input, user-given extras, velocity invariants
         self.layers = nn.ModuleList(
-            EGNNLayer(hidden, 2 + edge_dim, attention=attention, update_pos=not invariant,
-                      norm_factor=norm_factor, coords_range=coords_range, velocity=velocity)
+            EGNNLayer(hidden, 2 + edge_dim + 3 * pair_velocity, attention=attention, update_pos=not invariant,
+                      norm_factor=norm_factor, coords_range=coords_range, velocity=velocity,
+                      pair_velocity=pair_velocity)
             for _ in range(n_layers)
         )
 
@@ -159,8 +178,16 @@ class EGNN(nn.Module):
         row, col = edge_index
         d0 = (pos[row] - pos[col]).pow(2).sum(-1, keepdim=True)
         extra = [edge_attr] if self.edge_dim else []
+        if self.pair_velocity:
+            vv = (vel[row] * vel[col]).sum(-1, keepdim=True)
         h = self.embed_in(h)
         for layer in self.layers:
-            d = d0 if self.invariant else (pos[row] - pos[col]).pow(2).sum(-1, keepdim=True)
-            h, pos = layer(h, pos, edge_index, torch.cat([d, d0, *extra], dim=-1), vel)
+            if self.invariant:
+                feats = [d0, d0, *extra]
+            else:
+                diff = pos[row] - pos[col]
+                feats = [diff.pow(2).sum(-1, keepdim=True), d0, *extra]
+                if self.pair_velocity:
+                    feats += [(diff * vel[row]).sum(-1, keepdim=True), (diff * vel[col]).sum(-1, keepdim=True), vv]
+            h, pos = layer(h, pos, edge_index, torch.cat(feats, dim=-1), vel)
         return self.embed_out(h), pos

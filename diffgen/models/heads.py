@@ -45,6 +45,8 @@ class VelocityEGNNDynamics(nn.Module):
             Each forward then stores the assignment regulariser (scalar tensor, with gradient) in
             ``last_reg``, to be added to the loss with a weight; ``last_reg`` stays None for the flat model.
         pool_layers: layers of the cluster EGNN (used only if ``pool_clusters > 0``).
+        pair_velocity: (needs ``use_velocity``) pairwise velocity invariants and neighbour-velocity position
+            updates in the backbone (:class:`EGNN` ``pair_velocity``); False is EGNN's eq. 7 model exactly.
 
     Shapes:
         pos ``[B, n, 3]``, vel ``[B, n, 3]``, charges ``[B, n]``, types ``[B, n]`` (long, if n_types) -> predicted positions ``[B, n, 3]``
@@ -60,7 +62,7 @@ class VelocityEGNNDynamics(nn.Module):
 
     def __init__(self, hidden: int = 64, n_layers: int = 4, attention: bool = False, norm_factor: float = 1.0,
                  coords_range: float = 10.0, use_velocity: bool = True, use_charges: bool = True, n_types: int = 0,
-                 vel_init: float = 1.0, pool_clusters: int = 0, pool_layers: int = 2):
+                 vel_init: float = 1.0, pool_clusters: int = 0, pool_layers: int = 2, pair_velocity: bool = False):
         super().__init__()
         if pool_clusters < 0:
             raise ValueError(f"pool_clusters must be >= 0 (0 = no pooling), got {pool_clusters}")
@@ -68,7 +70,7 @@ class VelocityEGNNDynamics(nn.Module):
         self.pool_clusters = pool_clusters
         self.backbone = EGNN(1 + n_types, hidden=hidden, out_dim=hidden if pool_clusters else 1, n_layers=n_layers,
                              edge_dim=1 if use_charges else 0, attention=attention, norm_factor=norm_factor,
-                             coords_range=coords_range, velocity=use_velocity)
+                             coords_range=coords_range, velocity=use_velocity, pair_velocity=pair_velocity)
         if use_velocity:
             # start at x + vel_init * v: each of the n_layers velocity scales begins at ~vel_init / n_layers
             # instead of a random value

@@ -146,6 +146,11 @@ def test_pair_velocity_reads_relative_motion():
             h_out, _ = net(speed, pos, edges, vel=-vel)
         gap = float((h_in - h_out).abs().max())
         assert (gap > 1e-4) == pair, (pair, gap)
+    from diffgen.dynamics_config import dynamics_config_from_dict
+    from diffgen.errors import DiffgenError
+
+    with pytest.raises(DiffgenError, match="pair_velocity needs model.use_velocity"):
+        dynamics_config_from_dict({"model": {"use_velocity": False, "pair_velocity": True}})
 
 
 def test_tiny_model_beats_identity_baseline():

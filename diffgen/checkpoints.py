@@ -7,12 +7,12 @@ training atom-count histogram, so sampling needs neither the dataset nor the tra
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from diffgen.checkpoint_files import first_line, read_lightning, read_safetensors, write_safetensors
 from diffgen.config import Config, config_from_dict
 from diffgen.diffusion.samplers import NodeCountDistribution
 from diffgen.diffusion.vp import VPDiffusion
@@ -43,27 +43,16 @@ def _ema_state_from_lightning(ckpt: dict) -> dict[str, torch.Tensor]:
 
 
 def _read_lightning(path: Path) -> tuple[dict, list[int], dict[str, torch.Tensor]]:
+    ckpt = read_lightning(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt["hyper_parameters"]
         return hp["config"], list(hp["node_histogram"]), _ema_state_from_lightning(ckpt)
     except (KeyError, TypeError) as exc:
         raise DiffgenError(f"{path} is not a diffgen generator checkpoint (missing {exc})") from None
-    except Exception as exc:  # torch raises many types on corrupt files
-        raise DiffgenError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict, list[int], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise DiffgenError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
-    if meta.get("format") != _FORMAT:
-        raise DiffgenError(f"{path} is not a diffgen generator checkpoint (metadata format {meta.get('format')!r})")
+    meta, state = read_safetensors(path, _FORMAT, "generator")
     return json.loads(meta["config"]), json.loads(meta["node_histogram"]), state
 
 
@@ -92,7 +81,7 @@ def load_generator(path: str | Path | None = None, device: str | torch.device = 
     try:
         diffusion.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
-        raise DiffgenError(f"checkpoint {path} does not match its config: {str(exc).splitlines()[0][:200]}") from None
+        raise DiffgenError(f"checkpoint {path} does not match its config: {first_line(exc)}") from None
     return Generator(diffusion.to(device).eval(), NodeCountDistribution(hist), cfg, path)
 
 
@@ -104,17 +93,14 @@ def export_generator(ckpt_path: str | Path, out_path: str | Path, dtype: torch.d
         DiffgenError: unreadable checkpoint, or ``out_path`` exists and ``overwrite`` is False.
     """
     import yaml
-    from safetensors.torch import save_file
 
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise DiffgenError(f"{out_path} exists; pass overwrite to replace it")
     cfg_dict, hist, state = _read_lightning(Path(ckpt_path))
     config_from_dict(cfg_dict)  # validate
-    tensors = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     meta = {"format": _FORMAT, "config": json.dumps(cfg_dict), "node_histogram": json.dumps(hist)}
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out_path)
+    write_safetensors(tensors, meta, out_path)
     out_path.with_suffix(".yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     return out_path

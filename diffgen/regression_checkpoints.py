@@ -8,11 +8,11 @@ neither the dataset nor the training run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from diffgen.checkpoint_files import first_line, read_lightning, read_safetensors, write_safetensors
 from diffgen.errors import DiffgenError
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -20,16 +20,8 @@ DEFAULT_REGRESSOR = PRETRAINED_DIR / "qm9_regress_gap.safetensors"
 _FORMAT = "diffgen-regressor-v1"
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
 def _read_lightning(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types on corrupt files
-        raise DiffgenError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    ckpt = read_lightning(path)
     try:
         hp = ckpt["hyper_parameters"]
         return hp["config"], hp["stats"], ckpt["state_dict"]
@@ -38,16 +30,7 @@ def _read_lightning(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise DiffgenError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
-    if meta.get("format") != _FORMAT:
-        raise DiffgenError(f"{path} is not a diffgen regression checkpoint (metadata format {meta.get('format')!r})")
+    meta, state = read_safetensors(path, _FORMAT, "regression")
     stats = {"mean": json.loads(meta["mean"]), "mad": json.loads(meta["mad"])}
     return json.loads(meta["config"]), stats, state
 
@@ -74,7 +57,7 @@ def load_regressor(path: str | Path | None = None, device: str | torch.device = 
     try:
         task.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
-        raise DiffgenError(f"checkpoint {path} does not match its config: {_first_line(exc)}") from None
+        raise DiffgenError(f"checkpoint {path} does not match its config: {first_line(exc)}") from None
     return task.to(device).eval()
 
 
@@ -86,8 +69,6 @@ def save_regressor(task, out_path: str | Path, dtype: torch.dtype = torch.float3
     Raises:
         DiffgenError: ``out_path`` exists and ``overwrite`` is False, or its folder does not exist.
     """
-    from safetensors.torch import save_file
-
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise DiffgenError(f"{out_path} exists; pass --overwrite to replace it")
@@ -98,7 +79,7 @@ def save_regressor(task, out_path: str | Path, dtype: torch.dtype = torch.float3
         v = v.detach().cpu()
         if v.is_floating_point() and k not in ("mean", "mad"):
             v = v.to(dtype)
-        tensors[k] = v.contiguous()
+        tensors[k] = v
     hp = task.hparams
     meta = {
         "format": _FORMAT,
@@ -108,10 +89,7 @@ def save_regressor(task, out_path: str | Path, dtype: torch.dtype = torch.float3
         "mean": json.dumps(task.mean.tolist()),
         "mad": json.dumps(task.mad.tolist()),
     }
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out_path)
-    return out_path
+    return write_safetensors(tensors, meta, out_path)
 
 
 def export_regressor(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from diffgen.checkpoint_files import first_line, read_lightning
 from diffgen.dynamics_config import DynamicsConfig, dynamics_config_from_dict
 from diffgen.errors import DiffgenError
 from diffgen.models.heads import VelocityEGNNDynamics
@@ -114,15 +115,14 @@ def load_model(checkpoint: str | Path) -> tuple[VelocityEGNNDynamics, DynamicsCo
     path = Path(checkpoint)
     if not path.is_file():
         raise DiffgenError(f"checkpoint not found: {path}")
+    ckpt = read_lightning(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         cfg = dynamics_config_from_dict(ckpt["hyper_parameters"]["config"])
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model = build_model(cfg)
         model.load_state_dict(state)
     except DiffgenError:
         raise
-    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DiffgenError(f"cannot load dynamics checkpoint {path}: {msg}") from None
+    except Exception as exc:  # noqa: BLE001 - foreign file or weights that do not fit the config
+        raise DiffgenError(f"cannot load dynamics checkpoint {path}: {first_line(exc)}") from None
     return model.eval(), cfg

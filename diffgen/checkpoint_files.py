@@ -1,0 +1,63 @@
+"""Reading and writing checkpoint files with one-line errors: Lightning ``.ckpt`` and ``.safetensors``.
+
+Shared by the generator (:mod:`diffgen.checkpoints`), regressor (:mod:`diffgen.regression_checkpoints`) and
+dynamics (:mod:`diffgen.tasks.dynamics_common`) loaders, which add what their own files must contain.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from diffgen.errors import DiffgenError
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type name."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def read_lightning(path: Path) -> dict:
+    """The dict stored in a Lightning ``.ckpt`` (on CPU).
+
+    Raises:
+        DiffgenError: the file cannot be unpickled (corrupt, truncated, not a torch file) or is not a dict.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types on corrupt files
+        raise DiffgenError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from None
+    if not isinstance(ckpt, dict):
+        raise DiffgenError(f"cannot read checkpoint {path}: not a Lightning checkpoint ({type(ckpt).__name__})")
+    return ckpt
+
+
+def read_safetensors(path: Path, fmt: str, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file whose metadata ``format`` must be ``fmt``.
+
+    Raises:
+        DiffgenError: unreadable file, or another format (the message names ``kind``, e.g. "generator").
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001
+        raise DiffgenError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
+    if meta.get("format") != fmt:
+        raise DiffgenError(f"{path} is not a diffgen {kind} checkpoint (metadata format {meta.get('format')!r})")
+    return meta, state
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], out_path: Path) -> Path:
+    """Write ``tensors`` with string metadata atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, out_path)
+    return out_path

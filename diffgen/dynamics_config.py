@@ -51,9 +51,9 @@ class DynamicsModelConfig:
     use_velocity: bool = True  # False: flat EGNN (positions only)
     use_charges: bool = True
     vel_init: float = 1.0  # initial velocity scale: 1 = constant-velocity guess x + v, 0 = identity
-    # pairwise velocity invariants (x_ij.v_i, x_ij.v_j, v_i.v_j) as edge features and neighbour-velocity position
-    # updates (diffgen.models.egnn.EGNN pair_velocity); False = EGNN's eq. 7 model exactly
-    pair_velocity: bool = False
+    # C equivariant vector channels per node, initialised [v, 0, ...] and updated in every layer, with their pairwise
+    # invariants as edge features (diffgen.models.egnn.EGNN vector_channels); 0 = EGNN's eq. 7 model exactly
+    vector_channels: int = 0
     n_types: int = 0  # one-hot atom types appended to |v| (4 for alanine dipeptide: H, C, N, O)
     # EGHN hierarchy block (Han et al. 2022; diffgen.models.eghn): K soft clusters per system, 0 = off (flat model)
     pool_clusters: int = 0
@@ -118,8 +118,10 @@ def _validate(cfg: DynamicsConfig) -> DynamicsConfig:
         raise DiffgenError(f"model.pool_clusters must be >= 0 (0 = no pooling), got {m.pool_clusters}")
     if m.pool_clusters and m.pool_layers < 1:
         raise DiffgenError(f"model.pool_layers must be >= 1 with pooling, got {m.pool_layers}")
-    if m.pair_velocity and not m.use_velocity:
-        raise DiffgenError("model.pair_velocity needs model.use_velocity=true")
+    if m.vector_channels < 0:
+        raise DiffgenError(f"model.vector_channels must be >= 0, got {m.vector_channels}")
+    if m.vector_channels and not m.use_velocity:
+        raise DiffgenError("model.vector_channels needs model.use_velocity=true")
     if m.pool_reg_weight < 0:
         raise DiffgenError(f"model.pool_reg_weight must be >= 0, got {m.pool_reg_weight}")
     if cfg.optim.lr <= 0:

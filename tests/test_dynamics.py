@@ -92,13 +92,15 @@ def _model(seed=0, **kw):
         torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
         if layer.velocity:
             torch.nn.init.normal_(layer.vel_mlp[-1].weight, std=0.5)
+        if layer.vector_channels:  # vector updates and channel mixing away from their near-identity start
+            torch.nn.init.normal_(layer.vec_edge.weight, std=0.5)
+            torch.nn.init.normal_(layer.vec_mix.weight, std=0.5)
     return model.eval()
 
 
-@pytest.mark.parametrize("use_velocity,n_types,pair_velocity", [(True, 0, False), (False, 0, False), (True, 3, False),
-                                                                 (True, 0, True)])
-def test_predictions_are_e3_and_permutation_equivariant(use_velocity, n_types, pair_velocity):
-    model = _model(use_velocity=use_velocity, n_types=n_types, pair_velocity=pair_velocity)
+@pytest.mark.parametrize("use_velocity,n_types,channels", [(True, 0, 0), (False, 0, 0), (True, 3, 0), (True, 0, 3)])
+def test_predictions_are_e3_and_permutation_equivariant(use_velocity, n_types, channels):
+    model = _model(use_velocity=use_velocity, n_types=n_types, vector_channels=channels)
     g = torch.Generator().manual_seed(0)
     pos = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
     vel = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
@@ -127,19 +129,19 @@ def test_egnn_velocity_input_is_validated_and_optional():
         plain(h, pos, edges, vel=torch.randn(4, 3))
     with pytest.raises(ValueError, match="vel must have shape"):
         EGNN(2, hidden=8, n_layers=1, velocity=True)(h, pos, edges)
-    with pytest.raises(ValueError, match="pair_velocity needs velocity"):
-        EGNN(2, hidden=8, n_layers=1, pair_velocity=True)
+    with pytest.raises(ValueError, match="needs velocity=True"):
+        EGNN(2, hidden=8, n_layers=1, vector_channels=2)
 
 
-def test_pair_velocity_reads_relative_motion():
+def test_vector_channels_read_relative_motion():
     """Two pairs with the same positions and speeds |v_i| but opposite relative motion (approaching vs receding)
-    get different invariant features only with ``pair_velocity``: EGNN's eq. 7 layer sees the speeds alone."""
+    get different invariant features only with vector channels: EGNN's eq. 7 layer sees the speeds alone."""
     pos = torch.tensor([[-1.0, 0, 0], [1.0, 0, 0]], dtype=torch.float64)
     vel = torch.tensor([[0.5, 0, 0], [-0.5, 0, 0]], dtype=torch.float64)
     edges = torch.tensor([[0, 1], [1, 0]])
     for pair in (False, True):
         torch.manual_seed(0)
-        net = EGNN(1, hidden=8, n_layers=1, velocity=True, pair_velocity=pair).double()
+        net = EGNN(1, hidden=8, n_layers=1, velocity=True, vector_channels=2 * pair).double()
         speed = vel.norm(dim=-1, keepdim=True)
         with torch.no_grad():
             h_in, _ = net(speed, pos, edges, vel=vel)
@@ -149,8 +151,8 @@ def test_pair_velocity_reads_relative_motion():
     from diffgen.dynamics_config import dynamics_config_from_dict
     from diffgen.errors import DiffgenError
 
-    with pytest.raises(DiffgenError, match="pair_velocity needs model.use_velocity"):
-        dynamics_config_from_dict({"model": {"use_velocity": False, "pair_velocity": True}})
+    with pytest.raises(DiffgenError, match="vector_channels needs model.use_velocity"):
+        dynamics_config_from_dict({"model": {"use_velocity": False, "vector_channels": 2}})
 
 
 def test_tiny_model_beats_identity_baseline():

@@ -48,43 +48,59 @@ class EGNNLayer(nn.Module):
         coords_range: bound ``r`` of the tanh-gated coordinate update (Å).
         velocity: also move ``pos`` along a given velocity, ``x_i += phi_v(h_i) v_i`` (EGNN eq. 7,
             Satorras et al. 2021); off by default, and then the layer is unchanged.
-        pair_velocity: (needs ``velocity``) also move ``x_i`` along the neighbours' velocities,
-            ``x_i += sum_j v_j psi(m_ij) / Z`` with ``psi`` a second output of the coordinate MLP. Velocities
-            do not change under translations, so any invariant combination of them is an E(n)-equivariant
-            displacement. Used with the pairwise velocity invariants of :class:`EGNN`.
+        vector_channels: ``C >= 1`` (needs ``velocity``): the velocity input becomes ``C`` equivariant vector
+            channels per node, ``vec`` ``[N, C, 3]``, updated in every layer and driving the positions:
+
+                h_i   <- h_i + phi_h(h_i, sum_j m_ij / Z, |V_i^c|^2)
+                V_i^c <- sum_d W_cd V_i^d + sum_j [ u_ij tanh(a_c(m_ij)) r + V_j^c b_c(m_ij) ] / Z
+                x_i   <- x_i + (radial update above) + sum_c phi_v^c(h_i) V_i^c
+
+            with ``u_ij = (x_i - x_j) / (|x_i - x_j| + 1)`` and ``W`` a learned ``C x C`` channel mixing (identity
+            at start). Vectors such as velocities do not move under translations, so these updates are
+            E(n)-equivariant. The caller supplies the invariants ``V_i . (x_i - x_j)``, ``V_j . (x_i - x_j)`` and
+            ``V_i . V_j`` per channel in ``edge_attr`` (see :class:`EGNN`). 0 (default): eq. 7, ``vel`` ``[N, 3]``.
     """
 
     def __init__(self, hidden: int, edge_dim: int, attention: bool = True, update_pos: bool = True,
                  norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False,
-                 pair_velocity: bool = False):
+                 vector_channels: int = 0):
         super().__init__()
         if velocity and not update_pos:
             raise ValueError("a velocity-aware layer must update positions")
-        if pair_velocity and not velocity:
-            raise ValueError("pair_velocity needs velocity=True")
+        if vector_channels < 0 or (vector_channels and not velocity):
+            raise ValueError(f"vector_channels must be >= 0 and needs velocity=True, got {vector_channels}")
         act = nn.SiLU()
+        c = vector_channels
         self.norm_factor, self.coords_range, self.update_pos = norm_factor, coords_range, update_pos
         self.edge_in = _PairLinear(hidden, edge_dim, hidden)
         self.edge_mlp = nn.Sequential(act, nn.Linear(hidden, hidden), act)
         self.att = nn.Sequential(nn.Linear(hidden, 1), nn.Sigmoid()) if attention else None
-        self.node_mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), act, nn.Linear(hidden, hidden))
+        self.node_mlp = nn.Sequential(nn.Linear(2 * hidden + c, hidden), act, nn.Linear(hidden, hidden))
         if update_pos:
             self.coord_in = _PairLinear(hidden, edge_dim, hidden)
-            last = nn.Linear(hidden, 2 if pair_velocity else 1, bias=False)
+            last = nn.Linear(hidden, 1, bias=False)
             nn.init.xavier_uniform_(last.weight, gain=0.001)  # start close to the identity map on pos
             self.coord_mlp = nn.Sequential(act, nn.Linear(hidden, hidden), act, last)
-        self.velocity, self.pair_velocity = velocity, pair_velocity
-        if velocity:  # phi_v: invariant per-node scale of the velocity
-            self.vel_mlp = nn.Sequential(nn.Linear(hidden, hidden), act, nn.Linear(hidden, 1))
+        self.velocity, self.vector_channels = velocity, c
+        if velocity:  # phi_v: invariant per-node scale of the velocity (one per vector channel)
+            self.vel_mlp = nn.Sequential(nn.Linear(hidden, hidden), act, nn.Linear(hidden, max(c, 1)))
+        if c:
+            self.vec_edge = nn.Linear(hidden, 2 * c)  # a_c (radial) and b_c (neighbour vector) per channel
+            nn.init.xavier_uniform_(self.vec_edge.weight, gain=0.001)
+            nn.init.zeros_(self.vec_edge.bias)
+            self.vec_mix = nn.Linear(c, c, bias=False)
+            nn.init.eye_(self.vec_mix.weight)
 
     def forward(self, h: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor,
-                vel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                vel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(h, pos, vel)``; ``vel`` is returned updated with vector channels, unchanged (or None) otherwise."""
         row, col = edge_index
         m = self.edge_mlp(self.edge_in(h, edge_attr, row, col))
         if self.att is not None:
             m = m * self.att(m)
         agg = scatter(m, row, dim=0, dim_size=h.shape[0], reduce="sum") / self.norm_factor
-        h = h + self.node_mlp(torch.cat([h, agg], dim=-1))
+        node_in = [h, agg, vel.pow(2).sum(-1)] if self.vector_channels else [h, agg]
+        h = h + self.node_mlp(torch.cat(node_in, dim=-1))
         if self.update_pos:
             diff = pos[row] - pos[col]
             d2 = diff.pow(2).sum(-1, keepdim=True)
@@ -92,14 +108,19 @@ class EGNNLayer(nn.Module):
             # centroid) would give NaN gradients. Their shift is 0 whatever ``dist`` is (diff = 0), so use 1 there;
             # for distinct nodes the forward value is bit-identical to sqrt(d2).
             dist = torch.where(d2 > 0, d2, torch.ones_like(d2)).sqrt()
-            phi = self.coord_mlp(self.coord_in(h, edge_attr, row, col))
-            shift = diff / (dist + 1.0) * torch.tanh(phi[:, :1]) * self.coords_range
-            if self.pair_velocity:
-                shift = shift + vel[col] * phi[:, 1:]
-            pos = pos + scatter(shift, row, dim=0, dim_size=pos.shape[0], reduce="sum") / self.norm_factor
-            if self.velocity:
+            unit = diff / (dist + 1.0)
+            gate = torch.tanh(self.coord_mlp(self.coord_in(h, edge_attr, row, col))) * self.coords_range
+            pos = pos + scatter(unit * gate, row, dim=0, dim_size=pos.shape[0], reduce="sum") / self.norm_factor
+            if self.vector_channels:
+                c = self.vector_channels
+                coef = self.vec_edge(m)
+                dvec = unit[:, None] * torch.tanh(coef[:, :c, None]) * self.coords_range + vel[col] * coef[:, c:, None]
+                vel = torch.einsum("dc,nck->ndk", self.vec_mix.weight, vel) \
+                    + scatter(dvec, row, dim=0, dim_size=vel.shape[0], reduce="sum") / self.norm_factor
+                pos = pos + (self.vel_mlp(h)[..., None] * vel).sum(1)
+            elif self.velocity:
                 pos = pos + self.vel_mlp(h) * vel
-        return h, pos
+        return h, pos, vel
 
 
 class EGNN(nn.Module):
@@ -120,12 +141,13 @@ class EGNN(nn.Module):
         velocity: velocity-aware position updates (EGNN eq. 7): ``forward`` then needs ``vel``
             ``[N, 3]`` and every layer adds ``phi_v(h_i) v_i`` to ``x_i``. Off by default (no extra
             parameters, identical behaviour).
-        pair_velocity: (needs ``velocity``) complete the pairwise invariants with the velocities: every layer's
-            edge features also get ``(x_i - x_j).v_i``, ``(x_i - x_j).v_j`` and ``v_i.v_j`` (with ``|x_i - x_j|^2``
-            and the node features ``|v|`` these are the Gram matrix of ``x_i - x_j, v_i, v_j``, i.e. all their
-            O(3) invariants), and positions also move along the neighbours' velocities (see
-            :class:`EGNNLayer`). In EGNN a node sees other nodes' velocities only through their norms; the
-            relative motion of a pair (approaching or receding, how fast) is what decides a close encounter.
+        vector_channels: ``C >= 1`` (needs ``velocity``): every node carries ``C`` vector channels, initialised to
+            ``[v_i, 0, ..., 0]`` and updated by every layer (see :class:`EGNNLayer`); each layer's edge features also
+            get ``V_i^c . (x_i - x_j)``, ``V_j^c . (x_i - x_j)`` and ``V_i^c . V_j^c`` per channel. With ``|V|^2``
+            in the node update these complete EGNN's invariants: in eq. 7 a node sees other nodes' velocities only
+            through their norms, while the relative motion of a pair (approaching or receding, how fast) is what
+            decides a close encounter. Multi-channel vector features in the spirit of GMN (Huang et al. 2022)
+            and PaiNN (Schuett et al. 2021). 0 (default): eq. 7 exactly.
 
     Shapes:
         h ``[N, in_dim]``, pos ``[N, 3]`` (Å), edge_index ``[2, E]`` (row = receiver),
@@ -138,24 +160,24 @@ class EGNN(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 256, out_dim: int | None = None, n_layers: int = 9,
                  edge_dim: int = 0, attention: bool = True, invariant: bool = False,
                  norm_factor: float = 1.0, coords_range: float = 15.0, velocity: bool = False,
-                 pair_velocity: bool = False):
+                 vector_channels: int = 0):
         super().__init__()
-        if pair_velocity and not velocity:
-            raise ValueError("pair_velocity needs velocity=True")
+        if vector_channels < 0 or (vector_channels and not velocity):
+            raise ValueError(f"vector_channels must be >= 0 and needs velocity=True, got {vector_channels}")
         if velocity and invariant:
             raise ValueError("an invariant EGNN cannot use velocities")
         if n_layers < 1 or hidden < 1 or in_dim < 1:
             raise ValueError("EGNN needs in_dim >= 1, hidden >= 1 and n_layers >= 1")
         self.in_dim, self.hidden, self.edge_dim = in_dim, hidden, edge_dim
         self.out_dim = out_dim if out_dim is not None else hidden
-        self.invariant, self.velocity, self.pair_velocity = invariant, velocity, pair_velocity
+        self.invariant, self.velocity, self.vector_channels = invariant, velocity, vector_channels
         self.embed_in = nn.Linear(in_dim, hidden)
         self.embed_out = nn.Linear(hidden, self.out_dim)
         # edge features: |x_i - x_j|^2 now, |x_i - x_j|^2 at the input, user-given extras, velocity invariants
         self.layers = nn.ModuleList(
-            EGNNLayer(hidden, 2 + edge_dim + 3 * pair_velocity, attention=attention, update_pos=not invariant,
+            EGNNLayer(hidden, 2 + edge_dim + 3 * vector_channels, attention=attention, update_pos=not invariant,
                       norm_factor=norm_factor, coords_range=coords_range, velocity=velocity,
-                      pair_velocity=pair_velocity)
+                      vector_channels=vector_channels)
             for _ in range(n_layers)
         )
 
@@ -178,8 +200,8 @@ class EGNN(nn.Module):
         row, col = edge_index
         d0 = (pos[row] - pos[col]).pow(2).sum(-1, keepdim=True)
         extra = [edge_attr] if self.edge_dim else []
-        if self.pair_velocity:
-            vv = (vel[row] * vel[col]).sum(-1, keepdim=True)
+        if self.vector_channels:  # [N, C, 3]: the velocity in channel 0, zeros elsewhere
+            vel = torch.cat([vel[:, None], vel.new_zeros(vel.shape[0], self.vector_channels - 1, 3)], dim=1)
         h = self.embed_in(h)
         for layer in self.layers:
             if self.invariant:
@@ -187,7 +209,8 @@ class EGNN(nn.Module):
             else:
                 diff = pos[row] - pos[col]
                 feats = [diff.pow(2).sum(-1, keepdim=True), d0, *extra]
-                if self.pair_velocity:
-                    feats += [(diff * vel[row]).sum(-1, keepdim=True), (diff * vel[col]).sum(-1, keepdim=True), vv]
-            h, pos = layer(h, pos, edge_index, torch.cat(feats, dim=-1), vel)
+                if self.vector_channels:
+                    vi, vj = vel[row], vel[col]
+                    feats += [(vi * diff[:, None]).sum(-1), (vj * diff[:, None]).sum(-1), (vi * vj).sum(-1)]
+            h, pos, vel = layer(h, pos, edge_index, torch.cat(feats, dim=-1), vel)
         return self.embed_out(h), pos

@@ -45,8 +45,8 @@ class VelocityEGNNDynamics(nn.Module):
             Each forward then stores the assignment regulariser (scalar tensor, with gradient) in
             ``last_reg``, to be added to the loss with a weight; ``last_reg`` stays None for the flat model.
         pool_layers: layers of the cluster EGNN (used only if ``pool_clusters > 0``).
-        pair_velocity: (needs ``use_velocity``) pairwise velocity invariants and neighbour-velocity position
-            updates in the backbone (:class:`EGNN` ``pair_velocity``); False is EGNN's eq. 7 model exactly.
+        vector_channels: (needs ``use_velocity``) ``C`` equivariant vector channels per node, initialised with the
+            velocity and updated by every layer (:class:`EGNN` ``vector_channels``); 0 is EGNN's eq. 7 model exactly.
 
     Shapes:
         pos ``[B, n, 3]``, vel ``[B, n, 3]``, charges ``[B, n]``, types ``[B, n]`` (long, if n_types) -> predicted positions ``[B, n, 3]``
@@ -62,7 +62,7 @@ class VelocityEGNNDynamics(nn.Module):
 
     def __init__(self, hidden: int = 64, n_layers: int = 4, attention: bool = False, norm_factor: float = 1.0,
                  coords_range: float = 10.0, use_velocity: bool = True, use_charges: bool = True, n_types: int = 0,
-                 vel_init: float = 1.0, pool_clusters: int = 0, pool_layers: int = 2, pair_velocity: bool = False):
+                 vel_init: float = 1.0, pool_clusters: int = 0, pool_layers: int = 2, vector_channels: int = 0):
         super().__init__()
         if pool_clusters < 0:
             raise ValueError(f"pool_clusters must be >= 0 (0 = no pooling), got {pool_clusters}")
@@ -70,15 +70,16 @@ class VelocityEGNNDynamics(nn.Module):
         self.pool_clusters = pool_clusters
         self.backbone = EGNN(1 + n_types, hidden=hidden, out_dim=hidden if pool_clusters else 1, n_layers=n_layers,
                              edge_dim=1 if use_charges else 0, attention=attention, norm_factor=norm_factor,
-                             coords_range=coords_range, velocity=use_velocity, pair_velocity=pair_velocity)
+                             coords_range=coords_range, velocity=use_velocity, vector_channels=vector_channels)
         if use_velocity:
             # start at x + vel_init * v: each of the n_layers velocity scales begins at ~vel_init / n_layers
             # instead of a random value
             for layer in self.backbone.layers:
                 last = layer.vel_mlp[-1]
-                with torch.no_grad():
+                with torch.no_grad():  # channel 0 holds the input velocity; other channels start unused
                     last.weight.mul_(0.01)
-                    last.bias.fill_(vel_init / n_layers)
+                    last.bias.zero_()
+                    last.bias[0] = vel_init / n_layers
         self.last_reg: torch.Tensor | None = None
         if pool_clusters:  # created after the backbone: with K = 0 nothing is added and the init is unchanged
             self.pool = EquivariantPooling(hidden, pool_clusters, n_layers=pool_layers, attention=attention,

@@ -26,7 +26,7 @@ def build_model(cfg: DynamicsConfig) -> VelocityEGNNDynamics:
                                 norm_factor=m.norm_factor, coords_range=m.coords_range,
                                 use_velocity=m.use_velocity, use_charges=m.use_charges, n_types=m.n_types,
                                 vel_init=m.vel_init, pool_clusters=m.pool_clusters, pool_layers=m.pool_layers,
-                                pair_velocity=m.pair_velocity)
+                                vector_channels=m.vector_channels)
 
 
 def _tensors(*arrays) -> TensorDataset:

@@ -2,17 +2,19 @@
 
 Same data (``diffgen.tasks.dynamics_common.pairs_dataset``), model builder, MSE loss, Adam, batch 100 and
 gradient clipping as ``diffgen dynamics train``, without Lightning; the validation MSE is computed every 5
-epochs and the best is reported. Use it to compare model settings; train the kept setting with the CLI
+epochs and the test MSE of the weights with the best validation MSE is reported at the end. Use it to compare model settings; train the kept setting with the CLI
 (checkpoints, resume, test evaluation).
 
     python benchmarks/nbody_variants.py NAME EPOCHS [config overrides...] [--adamw] [--input-noise S]
 
-Writes ``NAME.log`` (one line per validation) and ``NAME.json`` (best validation MSE and its epoch) to
+``--ema D`` validates an exponential moving average of the weights (decay ``D``) instead of the raw weights.
+Writes ``NAME.log`` (one line per validation) and ``NAME.json`` (best validation MSE, its epoch, and the test MSE of those weights) to
 ``--out-dir`` (default ``runs/nbody_variants``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -21,6 +23,14 @@ import torch
 
 from diffgen.dynamics_config import load_dynamics_config
 from diffgen.tasks.dynamics_common import build_model, pairs_dataset
+
+
+@torch.no_grad()
+def _mse(model, tensors, batch_size: int = 500) -> float:
+    """Mean squared error of the predicted positions over a split (``pos, vel, charges, target`` tensors)."""
+    sq = sum(float((model(*(t[s:s + batch_size] for t in tensors[:3])) - tensors[3][s:s + batch_size]).pow(2).sum())
+             for s in range(0, tensors[0].shape[0], batch_size))
+    return sq / tensors[3].numel()
 
 
 def main() -> None:
@@ -32,15 +42,23 @@ def main() -> None:
     ap.add_argument("--out-dir", default="runs/nbody_variants")
     ap.add_argument("--adamw", action="store_true", help="AdamW (decoupled weight decay) instead of Adam")
     ap.add_argument("--input-noise", type=float, default=0.0, help="std of Gaussian noise added to input positions")
+    ap.add_argument("--ema", type=float, default=0.0, help="validate an EMA of the weights with this decay (0 = off)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_dynamics_config(args.config, args.overrides)
     torch.manual_seed(cfg.trainer.seed)
-    train, valid = pairs_dataset(cfg, "train").tensors, pairs_dataset(cfg, "valid").tensors
+    train, valid, test = (pairs_dataset(cfg, split).tensors for split in ("train", "valid", "test"))
     model = build_model(cfg)
     o = cfg.optim
     opt = (torch.optim.AdamW if args.adamw else torch.optim.Adam)(model.parameters(), o.lr, weight_decay=o.weight_decay)
+    ema = None
+    if args.ema:
+        from torch.optim.swa_utils import AveragedModel
+
+        from diffgen.tasks.generation import ema_with_warmup
+
+        ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(args.ema), use_buffers=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs) if o.lr_schedule == "cosine" else None
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,21 +79,24 @@ def main() -> None:
                 if o.clip_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 total += float(loss.detach()) * idx.numel() / n
             if sched is not None:
                 sched.step()
             if epoch % 5 and epoch != args.epochs:
                 continue
-            model.eval()
-            with torch.no_grad():
-                sq = sum(float((model(*(t[s:s + 500] for t in valid[:3])) - valid[3][s:s + 500]).pow(2).sum())
-                         for s in range(0, valid[0].shape[0], 500))
-            val = sq / valid[3].numel()
-            best = min(best, (val, epoch))
+            net = (model if ema is None else ema.module).eval()
+            val = _mse(net, valid)
+            if val < best[0]:
+                best = (val, epoch)
+                best_state = copy.deepcopy(net.state_dict())
             print(f"{epoch} train {total:.5f} valid {val:.5f} best {best[0]:.5f}@{best[1]} {time.time() - t0:.0f}s",
                   file=log, flush=True)
-    result = {"name": args.name, "best_valid_mse": best[0], "best_epoch": best[1], "epochs": args.epochs,
-              "overrides": args.overrides, "adamw": args.adamw, "input_noise": args.input_noise,
+    net = model if ema is None else ema.module
+    net.load_state_dict(best_state)
+    result = {"name": args.name, "best_valid_mse": best[0], "best_epoch": best[1], "test_mse": _mse(net.eval(), test), "epochs": args.epochs,
+              "overrides": args.overrides, "adamw": args.adamw, "input_noise": args.input_noise, "ema": args.ema,
               "config": args.config, "seconds": round(time.time() - t0, 1), "threads": args.threads}
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

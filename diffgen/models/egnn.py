@@ -23,6 +23,14 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 
+def _soft_unit(v: torch.Tensor) -> torch.Tensor:
+    """``v / sqrt(|v|^2 + 1)`` over the last axis: ~``v`` for short vectors, ~unit for long ones, smooth at 0.
+
+    Keeps the vector-channel invariants in [-1, 1] whatever the units (N-body speeds ~1, MD velocities ~10 Å/ps).
+    """
+    return v * torch.rsqrt(v.pow(2).sum(-1, keepdim=True) + 1.0)
+
+
 class _PairLinear(nn.Module):
     """``Linear([h_i, h_j, e_ij])`` computed as ``A h_i + B h_j + C e_ij`` (exactly the same map)."""
 
@@ -51,14 +59,14 @@ class EGNNLayer(nn.Module):
         vector_channels: ``C >= 1`` (needs ``velocity``): the velocity input becomes ``C`` equivariant vector
             channels per node, ``vec`` ``[N, C, 3]``, updated in every layer and driving the positions:
 
-                h_i   <- h_i + phi_h(h_i, sum_j m_ij / Z, |V_i^c|^2)
+                h_i   <- h_i + phi_h(h_i, sum_j m_ij / Z, log(1 + |V_i^c|^2))
                 V_i^c <- sum_d W_cd V_i^d + sum_j [ u_ij tanh(a_c(m_ij)) r + V_j^c b_c(m_ij) ] / Z
                 x_i   <- x_i + (radial update above) + sum_c phi_v^c(h_i) V_i^c
 
             with ``u_ij = (x_i - x_j) / (|x_i - x_j| + 1)`` and ``W`` a learned ``C x C`` channel mixing (identity
             at start). Vectors such as velocities do not move under translations, so these updates are
-            E(n)-equivariant. The caller supplies the invariants ``V_i . (x_i - x_j)``, ``V_j . (x_i - x_j)`` and
-            ``V_i . V_j`` per channel in ``edge_attr`` (see :class:`EGNN`). 0 (default): eq. 7, ``vel`` ``[N, 3]``.
+            E(n)-equivariant. The caller supplies the pairwise invariants of ``V_i``, ``V_j`` and ``x_i - x_j`` per
+            channel in ``edge_attr`` (see :class:`EGNN`). 0 (default): eq. 7, ``vel`` ``[N, 3]``.
     """
 
     def __init__(self, hidden: int, edge_dim: int, attention: bool = True, update_pos: bool = True,
@@ -99,7 +107,7 @@ class EGNNLayer(nn.Module):
         if self.att is not None:
             m = m * self.att(m)
         agg = scatter(m, row, dim=0, dim_size=h.shape[0], reduce="sum") / self.norm_factor
-        node_in = [h, agg, vel.pow(2).sum(-1)] if self.vector_channels else [h, agg]
+        node_in = [h, agg, torch.log1p(vel.pow(2).sum(-1))] if self.vector_channels else [h, agg]
         h = h + self.node_mlp(torch.cat(node_in, dim=-1))
         if self.update_pos:
             diff = pos[row] - pos[col]
@@ -143,8 +151,9 @@ class EGNN(nn.Module):
             parameters, identical behaviour).
         vector_channels: ``C >= 1`` (needs ``velocity``): every node carries ``C`` vector channels, initialised to
             ``[v_i, 0, ..., 0]`` and updated by every layer (see :class:`EGNNLayer`); each layer's edge features also
-            get ``V_i^c . (x_i - x_j)``, ``V_j^c . (x_i - x_j)`` and ``V_i^c . V_j^c`` per channel. With ``|V|^2``
-            in the node update these complete EGNN's invariants: in eq. 7 a node sees other nodes' velocities only
+            get ``s(V_i^c) . s(x_ij)``, ``s(V_j^c) . s(x_ij)`` and ``s(V_i^c) . s(V_j^c)`` per channel, with
+            ``s(a) = a / sqrt(|a|^2 + 1)`` (bounded whatever the units). With ``log(1 + |V|^2)`` in the node update
+            these complete EGNN's invariants: in eq. 7 a node sees other nodes' velocities only
             through their norms, while the relative motion of a pair (approaching or receding, how fast) is what
             decides a close encounter. Multi-channel vector features in the spirit of GMN (Huang et al. 2022)
             and PaiNN (Schuett et al. 2021). 0 (default): eq. 7 exactly.
@@ -210,7 +219,7 @@ class EGNN(nn.Module):
                 diff = pos[row] - pos[col]
                 feats = [diff.pow(2).sum(-1, keepdim=True), d0, *extra]
                 if self.vector_channels:
-                    vi, vj = vel[row], vel[col]
-                    feats += [(vi * diff[:, None]).sum(-1), (vj * diff[:, None]).sum(-1), (vi * vj).sum(-1)]
+                    vi, vj, u = _soft_unit(vel[row]), _soft_unit(vel[col]), _soft_unit(diff)[:, None]
+                    feats += [(vi * u).sum(-1), (vj * u).sum(-1), (vi * vj).sum(-1)]
             h, pos, vel = layer(h, pos, edge_index, torch.cat(feats, dim=-1), vel)
         return self.embed_out(h), pos

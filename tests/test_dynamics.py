@@ -271,3 +271,18 @@ def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
         assert ds.tensors[0].shape[1:] == (22, 3) and ds.tensors[4].shape[1] == 22
     assert seen == {"train": {0, 1, 2}, "valid": {3}, "test": {4}}
     assert len(pairs_dataset(cfg, "train")) == 3 * 3  # 3 runs x (4 - 1) pairs
+
+
+def test_training_step_skips_non_finite_losses():
+    """A non-finite loss must not reach the optimiser: the step is skipped (None) and the weights stay finite."""
+    from diffgen.tasks.dynamics import DynamicsTask
+
+    task = DynamicsTask({"model": {"hidden": 8, "n_layers": 1}})
+    task.log = lambda *a, **k: None  # no trainer attached
+    g = torch.Generator().manual_seed(0)
+    pos, vel = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    q, types = torch.ones(2, 5), torch.zeros(2, 5, dtype=torch.long)
+    good = (pos, vel, q, pos + 0.1, types)
+    assert torch.isfinite(task.training_step(good, 0))
+    bad = (pos, vel, q, torch.full_like(pos, float("nan")), types)
+    assert task.training_step(bad, 0) is None

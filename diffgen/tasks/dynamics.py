@@ -45,6 +45,9 @@ class DynamicsTask(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, reg = self._loss(batch, with_reg=True)
+        if not torch.isfinite(loss):  # skip the step (Lightning: None = no backward, no update): keep weights finite
+            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", batch_size=batch[0].shape[0])
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
         if reg is not None:
             self.log("train/pool_reg", reg, batch_size=batch[0].shape[0])

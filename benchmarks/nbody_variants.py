@@ -22,15 +22,7 @@ from pathlib import Path
 import torch
 
 from diffgen.dynamics_config import load_dynamics_config
-from diffgen.tasks.dynamics_common import build_model, pairs_dataset
-
-
-@torch.no_grad()
-def _mse(model, tensors, batch_size: int = 500) -> float:
-    """Mean squared error of the predicted positions over a split (``pos, vel, charges, target`` tensors)."""
-    sq = sum(float((model(*(t[s:s + batch_size] for t in tensors[:3])) - tensors[3][s:s + batch_size]).pow(2).sum())
-             for s in range(0, tensors[0].shape[0], batch_size))
-    return sq / tensors[3].numel()
+from diffgen.tasks.dynamics_common import build_model, evaluate_pairs, pairs_dataset
 
 
 def main() -> None:
@@ -48,7 +40,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_dynamics_config(args.config, args.overrides)
     torch.manual_seed(cfg.trainer.seed)
-    train, valid, test = (pairs_dataset(cfg, split).tensors for split in ("train", "valid", "test"))
+    valid, test = pairs_dataset(cfg, "valid"), pairs_dataset(cfg, "test")
+    train = pairs_dataset(cfg, "train").tensors
     model = build_model(cfg)
     o = cfg.optim
     opt = (torch.optim.AdamW if args.adamw else torch.optim.Adam)(model.parameters(), o.lr, weight_decay=o.weight_decay)
@@ -87,7 +80,7 @@ def main() -> None:
             if epoch % 5 and epoch != args.epochs:
                 continue
             net = (model if ema is None else ema.module).eval()
-            val = _mse(net, valid)
+            val = evaluate_pairs(net, valid)["model"]
             if val < best[0]:
                 best = (val, epoch)
                 best_state = copy.deepcopy(net.state_dict())
@@ -95,7 +88,8 @@ def main() -> None:
                   file=log, flush=True)
     net = model if ema is None else ema.module
     net.load_state_dict(best_state)
-    result = {"name": args.name, "best_valid_mse": best[0], "best_epoch": best[1], "test_mse": _mse(net.eval(), test), "epochs": args.epochs,
+    result = {"name": args.name, "best_valid_mse": best[0], "best_epoch": best[1],
+              "test_mse": evaluate_pairs(net, test)["model"], "epochs": args.epochs,
               "overrides": args.overrides, "adamw": args.adamw, "input_noise": args.input_noise, "ema": args.ema,
               "config": args.config, "seconds": round(time.time() - t0, 1), "threads": args.threads}
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
@@ -103,4 +97,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffgen.errors import DiffgenError
+
+    try:
+        main()
+    except DiffgenError as exc:  # bad config, override or data: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None

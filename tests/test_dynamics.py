@@ -274,7 +274,8 @@ def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
 
 
 def test_training_step_skips_non_finite_losses():
-    """A non-finite loss must not reach the optimiser: the step is skipped (None) and the weights stay finite."""
+    """A non-finite loss must not reach the optimiser: ``training_step`` returns None, so Lightning runs neither the
+    backward pass nor the optimiser step."""
     from diffgen.tasks.dynamics import DynamicsTask
 
     task = DynamicsTask({"model": {"hidden": 8, "n_layers": 1}})

@@ -56,6 +56,8 @@ class OptimConfig:
     ema_decay: float = 0.999
     clip_adaptive: bool = True  # EDM: clip at 1.5 x mean + 2 x std of recent gradient norms
     clip_value: float = 1.0  # fixed clip value used when clip_adaptive is False (0 = off)
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps (0 = off)
+    init_from: str | None = None  # start from these generator weights (.safetensors/.ckpt, fresh optimizer) unless resuming
 
 
 @dataclass
@@ -212,4 +214,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise DiffgenError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.optim.warmup_steps < 0:
+        raise DiffgenError(f"config key optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.optim.init_from is not None and not Path(cfg.optim.init_from).is_file():
+        raise DiffgenError(f"optim.init_from: checkpoint not found: {cfg.optim.init_from}")
     return cfg

@@ -75,7 +75,27 @@ class GenerationTask(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        return torch.optim.AdamW(self.diffusion.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=True)
+        opt = torch.optim.AdamW(self.diffusion.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=True)
+        if o.warmup_steps <= 0:
+            return opt
+        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / o.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def init_weights_from(self, path: str) -> None:
+        """Copy the (EMA) weights of a generator checkpoint into both the trained and the EMA model.
+
+        Raises:
+            DiffgenError: unreadable checkpoint, or weights that do not fit this task's model config.
+        """
+        from diffgen.checkpoints import load_generator
+        from diffgen.errors import DiffgenError
+
+        state = load_generator(path).diffusion.state_dict()
+        try:
+            self.diffusion.load_state_dict(state)
+        except RuntimeError as exc:
+            raise DiffgenError(f"optim.init_from {path} does not fit the model config: {str(exc).splitlines()[0]}") from None
+        self.ema.module.load_state_dict(state)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         o = self.cfg.optim
@@ -121,6 +141,8 @@ def train_generation(cfg: Config) -> GenerationTask:
     pl.seed_everything(cfg.trainer.seed, workers=True)
     dm = QM9DataModule(cfg.data.root, cfg.data.batch_size, cfg.data.remove_h, cfg.data.num_workers, cfg.data.subset)
     task = GenerationTask(cfg.to_dict(), dm.node_histogram().tolist())
+    if cfg.optim.init_from is not None and resume_path(cfg.trainer) is None:
+        task.init_weights_from(cfg.optim.init_from)
     trainer = make_trainer(cfg.trainer)
     trainer.fit(task, datamodule=dm, ckpt_path=resume_path(cfg.trainer))
     return task

@@ -51,9 +51,9 @@ def speed(args) -> None:
 
 
 def quality(args) -> None:
-    from diffgen.checkpoints import load_generator
+    from diffgen.tasks.generation.checkpoints import load_generator
     from diffgen.eval.reference import training_smiles
-    from diffgen.diffusion.build import sample_molecules
+    from diffgen.tasks.generation.build import sample_molecules
 
     gen = load_generator(args.checkpoint)
     ref = training_smiles()
@@ -101,8 +101,8 @@ def _score(mols, n: int, seconds: float, ref: set[str], **info) -> dict:
 
 
 def sweep(args) -> None:
-    from diffgen.checkpoints import load_generator
-    from diffgen.diffusion.build import sample_molecules
+    from diffgen.tasks.generation.checkpoints import load_generator
+    from diffgen.tasks.generation.build import sample_molecules
     from diffgen.diffusion.samplers import get_sampler
 
     for name in args.samplers:
@@ -180,7 +180,7 @@ def train_throughput(args) -> None:
 
     from diffgen.config import load_config
     from diffgen.data.qm9 import QM9
-    from diffgen.diffusion.build import build_diffusion
+    from diffgen.tasks.generation.build import build_diffusion
 
     cfg = load_config(args.config)
     torch.manual_seed(0)

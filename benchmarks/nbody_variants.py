@@ -1,6 +1,6 @@
 """N-body model variants on an equal epoch budget: a plain PyTorch loop for quick comparisons.
 
-Same data (``diffgen.tasks.dynamics_common.pairs_dataset``), model builder, MSE loss, Adam, batch 100 and
+Same data (``diffgen.tasks.dynamics.common.pairs_dataset``), model builder, MSE loss, Adam, batch 100 and
 gradient clipping as ``diffgen dynamics train``, without Lightning; the validation MSE is computed every 5
 epochs and the test MSE of the weights with the best validation MSE is reported at the end. Use it to compare model settings; train the kept setting with the CLI
 (checkpoints, resume, test evaluation).
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from diffgen.dynamics_config import load_dynamics_config
-from diffgen.tasks.dynamics_common import build_model, evaluate_pairs, pairs_dataset
+from diffgen.tasks.dynamics.config import load_dynamics_config
+from diffgen.tasks.dynamics.common import build_model, evaluate_pairs, pairs_dataset
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     if args.ema:
         from torch.optim.swa_utils import AveragedModel
 
-        from diffgen.tasks.generation import ema_with_warmup
+        from diffgen.tasks.generation.module import ema_with_warmup
 
         ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(args.ema), use_buffers=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs) if o.lr_schedule == "cosine" else None

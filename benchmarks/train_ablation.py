@@ -68,8 +68,8 @@ def held_out_eps_mse(diffusion, n: int = 2000) -> float:
 
 
 def score(name: str, out: Path, n_samples: int, eval_steps: int) -> dict:
-    from diffgen.checkpoints import load_generator
-    from diffgen.diffusion.build import sample_molecules
+    from diffgen.tasks.generation.checkpoints import load_generator
+    from diffgen.tasks.generation.build import sample_molecules
     from diffgen.eval.chem import GenerationMetrics
 
     gen = load_generator(out / name / "checkpoints" / "last.ckpt")

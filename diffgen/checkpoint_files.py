@@ -1,7 +1,7 @@
 """Reading and writing checkpoint files with one-line errors: Lightning ``.ckpt`` and ``.safetensors``.
 
-Shared by the generator (:mod:`diffgen.checkpoints`), regressor (:mod:`diffgen.regression_checkpoints`) and
-dynamics (:mod:`diffgen.tasks.dynamics_common`) loaders, which add what their own files must contain.
+Shared by the generator (:mod:`diffgen.tasks.generation.checkpoints`), regressor (:mod:`diffgen.tasks.regression.checkpoints`) and
+dynamics (:mod:`diffgen.tasks.dynamics.common`) loaders, which add what their own files must contain.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 from diffgen.errors import DiffgenError
+
+#: Folder of the weights shipped inside the package (``diffgen/pretrained``).
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
 
 def first_line(exc: BaseException) -> str:

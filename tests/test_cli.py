@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rdkit import Chem
 
-from diffgen.checkpoints import DEFAULT_CHECKPOINT
+from diffgen.tasks.generation.checkpoints import DEFAULT_CHECKPOINT
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from diffgen.diffusion.vp import (N_FEATURES, Denoiser, VPDiffusion, com_free_no
                                   remove_mean)
 from diffgen.errors import DiffgenError
 from diffgen.models.egnn import EGNN
-from diffgen.diffusion.build import build_diffusion, sample_molecules
+from diffgen.tasks.generation.build import build_diffusion, sample_molecules
 
 F64 = torch.float64
 
@@ -417,7 +417,7 @@ def test_node_count_distribution(qm9_train):
 def test_parameterizations_give_equivariant_eps(param):
     """Both parameterisations: eps_hat positions rotate with the input and stay zero-CoM; types invariant."""
     from diffgen.config import Config
-    from diffgen.diffusion.build import build_diffusion
+    from diffgen.tasks.generation.build import build_diffusion
 
     torch.manual_seed(0)
     cfg = Config()
@@ -440,7 +440,7 @@ def test_parameterizations_give_equivariant_eps(param):
 def test_min_snr_weighting_downweights_low_noise():
     """min_snr: the weighted loss equals the plain eps-MSE where SNR <= k, and is smaller where SNR > k."""
     from diffgen.config import Config
-    from diffgen.diffusion.build import build_diffusion
+    from diffgen.tasks.generation.build import build_diffusion
 
     torch.manual_seed(0)
     cfg = Config()

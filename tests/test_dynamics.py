@@ -22,7 +22,7 @@ from diffgen.data.nbody import (
 )
 from diffgen.errors import DiffgenError
 from diffgen.models.egnn import EGNN
-from diffgen.models.heads import VelocityEGNNDynamics
+from diffgen.models.dynamics import VelocityEGNNDynamics
 
 
 def _state(seed=0, n_traj=8):
@@ -148,7 +148,7 @@ def test_vector_channels_read_relative_motion():
             h_out, _ = net(speed, pos, edges, vel=-vel)
         gap = float((h_in - h_out).abs().max())
         assert (gap > 1e-4) == pair, (pair, gap)
-    from diffgen.dynamics_config import dynamics_config_from_dict
+    from diffgen.tasks.dynamics.config import dynamics_config_from_dict
     from diffgen.errors import DiffgenError
 
     with pytest.raises(DiffgenError, match="vector_channels needs model.use_velocity"):
@@ -156,7 +156,7 @@ def test_vector_channels_read_relative_motion():
 
 
 def test_tiny_model_beats_identity_baseline():
-    from diffgen.tasks.dynamics import evaluate_pairs
+    from diffgen.tasks.dynamics.module import evaluate_pairs
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -244,8 +244,8 @@ def test_cli_train_evaluate_and_bad_input(tmp_path):
 def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
     pytest.importorskip("openmm")
     from diffgen.data.md import MDSettings, run_path, simulate_run, system_info
-    from diffgen.dynamics_config import dynamics_config_from_dict
-    from diffgen.tasks.dynamics_common import pairs_dataset
+    from diffgen.tasks.dynamics.config import dynamics_config_from_dict
+    from diffgen.tasks.dynamics.common import pairs_dataset
 
     info = system_info()  # the shipped PDB loads with amber99sbildn + OBC
     assert info["types"].shape == (22,) and abs(info["charges"].sum()) < 1e-6
@@ -276,7 +276,7 @@ def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
 def test_training_step_skips_non_finite_losses():
     """A non-finite loss must not reach the optimiser: ``training_step`` returns None, so Lightning runs neither the
     backward pass nor the optimiser step."""
-    from diffgen.tasks.dynamics import DynamicsTask
+    from diffgen.tasks.dynamics.module import DynamicsTask
 
     task = DynamicsTask({"model": {"hidden": 8, "n_layers": 1}})
     task.log = lambda *a, **k: None  # no trainer attached

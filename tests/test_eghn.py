@@ -7,11 +7,11 @@ import pytest
 import torch
 from test_egnn import random_orthogonal
 
-from diffgen.dynamics_config import dynamics_config_from_dict
+from diffgen.tasks.dynamics.config import dynamics_config_from_dict
 from diffgen.errors import DiffgenError
 from diffgen.models.eghn import EquivariantPooling, assignment_regulariser
 from diffgen.models.egnn import EGNN
-from diffgen.models.heads import VelocityEGNNDynamics
+from diffgen.models.dynamics import VelocityEGNNDynamics
 
 
 def _inputs(b=3, n=6, n_types=3, seed=0):
@@ -200,8 +200,8 @@ def test_invalid_pooling_settings_give_one_line_errors():
 
 
 def test_task_adds_weighted_regulariser_and_old_checkpoints_load(tmp_path):
-    from diffgen.tasks.dynamics import DynamicsTask
-    from diffgen.tasks.dynamics_common import build_model, load_model
+    from diffgen.tasks.dynamics.module import DynamicsTask
+    from diffgen.tasks.dynamics.common import build_model, load_model
 
     cfg = dynamics_config_from_dict({"model": {"hidden": 8, "n_layers": 1, "pool_clusters": 2,
                                                "pool_reg_weight": 0.5}})

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from diffgen.errors import DiffgenError
-from diffgen.regression_checkpoints import load_regressor, save_regressor
-from diffgen.regression_config import load_regression_config, regression_config_from_dict
-from diffgen.tasks.regression import RegressionTask, predict, target_stats
-from diffgen.tasks.regression_targets import column_name, regression_values, resolve_targets
+from diffgen.tasks.regression.checkpoints import load_regressor, save_regressor
+from diffgen.tasks.regression.config import load_regression_config, regression_config_from_dict
+from diffgen.tasks.regression.module import RegressionTask, predict, target_stats
+from diffgen.tasks.regression.targets import column_name, regression_values, resolve_targets
 
 HARTREE_MEV = 27211.386246
 # QM9 atomref table (Ramakrishnan et al. 2014), hartree, typed in independently of diffgen.data.qm9

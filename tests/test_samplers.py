@@ -9,7 +9,7 @@ from diffgen.config import Config
 from diffgen.diffusion.samplers import SAMPLERS, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.errors import DiffgenError
-from diffgen.diffusion.build import build_diffusion
+from diffgen.tasks.generation.build import build_diffusion
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_sampler_recovers_gaussian_data(name, steps):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from diffgen.checkpoints import load_generator
+    from diffgen.tasks.generation.checkpoints import load_generator
 
     return load_generator()
 
@@ -111,7 +111,7 @@ def shipped():
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_trained_model_improves_with_steps(shipped, name):
     """The shipped (small, trained) model: 25 steps must beat 2 steps on atom stability by a clear margin."""
-    from diffgen.diffusion.build import sample_molecules
+    from diffgen.tasks.generation.build import sample_molecules
     from diffgen.eval.chem import GenerationMetrics
 
     res = {}

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from diffgen.checkpoints import export_generator, load_generator
+from diffgen.tasks.generation.checkpoints import export_generator, load_generator
 from diffgen.config import load_config
-from diffgen.diffusion.build import sample_molecules
-from diffgen.tasks.generation import train_generation
+from diffgen.tasks.generation.build import sample_molecules
+from diffgen.tasks.generation.module import train_generation
 
 
 def tiny_config(out_dir, max_steps):
@@ -52,7 +52,7 @@ def test_train_checkpoint_resume_and_export(tmp_path):
 def test_ema_warmup_tracks_recent_weights():
     from torch.optim.swa_utils import AveragedModel
 
-    from diffgen.tasks.generation import ema_with_warmup
+    from diffgen.tasks.generation.module import ema_with_warmup
 
     model = torch.nn.Linear(3, 3)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999), use_buffers=True)

@@ -56,8 +56,8 @@ def train(
 ):
     """Train a regressor. Extra arguments are config overrides: section.key=value (e.g. optim.lr=5e-4)."""
     from diffgen.config import trainer_overrides
-    from diffgen.regression_config import load_regression_config
-    from diffgen.tasks.regression_targets import resolve_targets
+    from diffgen.tasks.regression.config import load_regression_config
+    from diffgen.tasks.regression.targets import resolve_targets
 
     overrides = list(ctx.args)
     if target:
@@ -71,7 +71,7 @@ def train(
         config = DEFAULT_CONFIG
     cfg = load_regression_config(config, overrides)
     _threads(threads)
-    from diffgen.tasks.regression import train_regression
+    from diffgen.tasks.regression.module import train_regression
 
     train_regression(cfg)
     console.print(f"checkpoints in {Path(cfg.trainer.out_dir) / 'checkpoints'}; "
@@ -105,9 +105,9 @@ def evaluate(
         raise DiffgenError(f"{json_out} already exists; refusing to overwrite it")
     _threads(threads)
     from diffgen.data.qm9 import QM9
-    from diffgen.regression_checkpoints import load_regressor
-    from diffgen.tasks.regression import evaluate_dataset
-    from diffgen.tasks.regression_targets import REFERENCE_MAE
+    from diffgen.tasks.regression.checkpoints import load_regressor
+    from diffgen.tasks.regression.module import evaluate_dataset
+    from diffgen.tasks.regression.targets import REFERENCE_MAE
 
     model = load_regressor(checkpoint, device=device)
     ds = QM9(split=split)
@@ -148,9 +148,9 @@ def predict(
         ensure_new(out)
     molecules = read_molecules(file)  # validates the file before the model is loaded
     _threads(threads)
-    from diffgen.regression_checkpoints import load_regressor
-    from diffgen.tasks.regression import predict as run_predict
-    from diffgen.tasks.regression_targets import column_name
+    from diffgen.tasks.regression.checkpoints import load_regressor
+    from diffgen.tasks.regression.module import predict as run_predict
+    from diffgen.tasks.regression.targets import column_name
 
     model = load_regressor(checkpoint, device=device)
     values = run_predict(model, molecules, batch_size=batch_size)
@@ -178,7 +178,7 @@ def export(
     """Export a regression checkpoint to a small self-contained safetensors file."""
     import torch
 
-    from diffgen.regression_checkpoints import export_regressor
+    from diffgen.tasks.regression.checkpoints import export_regressor
 
     path = export_regressor(checkpoint, out, dtype=torch.float16 if fp16 else torch.float32, overwrite=overwrite)
     out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

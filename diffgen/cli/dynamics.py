@@ -51,7 +51,7 @@ def train(
 ):
     """Train a dynamics model. Extra arguments are config overrides: section.key=value (e.g. optim.lr=1e-3)."""
     from diffgen.config import trainer_overrides
-    from diffgen.dynamics_config import load_dynamics_config
+    from diffgen.tasks.dynamics.config import load_dynamics_config
 
     overrides = list(ctx.args)
     overrides.append(f"data.dataset={dataset}")
@@ -60,7 +60,7 @@ def train(
         config = DEFAULT_CONFIG
     cfg = load_dynamics_config(config, overrides)
     _threads(threads)
-    from diffgen.tasks.dynamics import train_dynamics
+    from diffgen.tasks.dynamics.module import train_dynamics
 
     train_dynamics(cfg)
     best = Path(cfg.trainer.out_dir) / "checkpoints" / "best.ckpt"
@@ -94,7 +94,7 @@ def evaluate(
     import torch
     from torch.utils.data import TensorDataset
 
-    from diffgen.tasks.dynamics_common import REFERENCE_NBODY_MSE, evaluate_pairs, load_model, pairs_dataset
+    from diffgen.tasks.dynamics.common import REFERENCE_NBODY_MSE, evaluate_pairs, load_model, pairs_dataset
 
     model, cfg = load_model(checkpoint)
     if traj is not None and cfg.model.n_types:
@@ -204,7 +204,7 @@ def predict(
     _threads(threads)
     import torch
 
-    from diffgen.tasks.dynamics_common import load_model, pairs_dataset
+    from diffgen.tasks.dynamics.common import load_model, pairs_dataset
 
     model, cfg = load_model(checkpoint)
     pos, vel, charges, target, types = pairs_dataset(cfg, split).tensors

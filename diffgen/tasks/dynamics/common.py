@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from diffgen.checkpoint_files import first_line, read_lightning
-from diffgen.dynamics_config import DynamicsConfig, dynamics_config_from_dict
+from diffgen.tasks.dynamics.config import DynamicsConfig, dynamics_config_from_dict
 from diffgen.errors import DiffgenError
-from diffgen.models.heads import VelocityEGNNDynamics
+from diffgen.models.dynamics import VelocityEGNNDynamics
 
 #: Test MSE on the N-body benchmark, from Satorras et al. 2021, Table 2.
 REFERENCE_NBODY_MSE = {"Linear": 0.0819, "SE(3)-Transformer": 0.0244, "TFN": 0.0155, "GNN": 0.0107,

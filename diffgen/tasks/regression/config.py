@@ -63,7 +63,7 @@ class RegressionConfig:
 
 
 def _validate(cfg: RegressionConfig) -> RegressionConfig:
-    from diffgen.tasks.regression_targets import resolve_targets
+    from diffgen.tasks.regression.targets import resolve_targets
 
     cfg.task.targets = resolve_targets(cfg.task.targets)
     if cfg.data.subset not in (None, "half0", "half1"):

@@ -1,6 +1,6 @@
 """Regressor checkpoints: Lightning ``.ckpt`` files from ``diffgen regress train`` and shipped ``.safetensors``.
 
-A shipped file holds the weights of a :class:`~diffgen.tasks.regression.RegressionTask` (fp32 by
+A shipped file holds the weights of a :class:`~diffgen.tasks.regression.module.RegressionTask` (fp32 by
 default; fp16 optional, loaded back as fp32) and, as safetensors metadata (JSON strings), the
 training config, target names, reported units and the training mean/MAD, so predicting needs
 neither the dataset nor the training run.
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from diffgen.checkpoint_files import first_line, read_lightning, read_safetensors, write_safetensors
+from diffgen.checkpoint_files import PRETRAINED_DIR, first_line, read_lightning, read_safetensors, write_safetensors
 from diffgen.errors import DiffgenError
 
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_REGRESSOR = PRETRAINED_DIR / "qm9_regress_gap.safetensors"
 _FORMAT = "diffgen-regressor-v1"
 
@@ -36,7 +35,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
 
 
 def load_regressor(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """Load a :class:`~diffgen.tasks.regression.RegressionTask` (eval mode) from ``.safetensors`` or ``.ckpt``.
+    """Load a :class:`~diffgen.tasks.regression.module.RegressionTask` (eval mode) from ``.safetensors`` or ``.ckpt``.
 
     Args:
         path: checkpoint; None -> the shipped gap model (:data:`DEFAULT_REGRESSOR`).
@@ -45,7 +44,7 @@ def load_regressor(path: str | Path | None = None, device: str | torch.device = 
     Raises:
         DiffgenError: missing, unreadable or foreign file, or weights that do not fit the stored config.
     """
-    from diffgen.tasks.regression import RegressionTask
+    from diffgen.tasks.regression.module import RegressionTask
 
     path = Path(path) if path is not None else DEFAULT_REGRESSOR
     if not path.is_file():

@@ -5,7 +5,7 @@ Architecture (EGNN QM9 model): node features ``one-hot(type) x (Z/9)^k`` (k = 0.
 are squared interatomic distances in Å^2) on the fully connected molecular graph, a node MLP, sum
 pooling over atoms and a graph MLP giving one output per target. The network predicts normalised
 values ``(v - mean) / MAD`` of the regression values ``v`` of
-:func:`~diffgen.tasks.regression_targets.regression_values` (reported units, atom references
+:func:`~diffgen.tasks.regression.targets.regression_values` (reported units, atom references
 subtracted); mean and MAD (mean absolute deviation) come from the training split. Loss: L1.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch_geometric.utils import scatter
 from diffgen.data.elements import NUM_TYPES, z_to_index
 from diffgen.data.graphs import build_edges
 from diffgen.models.egnn import EGNN
-from diffgen.regression_config import RegressionConfig, regression_config_from_dict
-from diffgen.tasks.regression_targets import (
+from diffgen.tasks.regression.config import RegressionConfig, regression_config_from_dict
+from diffgen.tasks.regression.targets import (
     REPORT_UNITS, atomref_table, molecule_atomref, regression_values,
 )
 
@@ -92,7 +92,7 @@ class RegressionTask(pl.LightningModule):
     """Lightning module: L1 loss on normalised targets, validation/test MAE per target in reported units.
 
     Args:
-        config: nested dict of a :class:`~diffgen.regression_config.RegressionConfig`.
+        config: nested dict of a :class:`~diffgen.tasks.regression.config.RegressionConfig`.
         stats: ``{"mean": [T], "mad": [T]}`` from :func:`target_stats` on the training split.
 
     The checkpoint's hyperparameters hold ``config``, ``stats``, ``targets`` and ``units``.
@@ -175,7 +175,7 @@ def train_regression(cfg: RegressionConfig) -> RegressionTask:
     Checkpoints (best by ``val/loss``, last, periodic) land in ``cfg.trainer.out_dir/checkpoints``.
     """
     from diffgen.data.datamodule import QM9DataModule
-    from diffgen.tasks.training import make_trainer, resume_path
+    from diffgen.tasks.trainer import make_trainer, resume_path
 
     pl.seed_everything(cfg.trainer.seed, workers=True)
     d = cfg.data
@@ -201,7 +201,7 @@ def predict(model: RegressionTask, molecules: Sequence, batch_size: int = 256, p
     """Per-molecule predictions in reported units, atom references added back (total U0, U, H, G, Cv).
 
     Args:
-        model: a :class:`RegressionTask` (e.g. from :func:`diffgen.regression_checkpoints.load_regressor`).
+        model: a :class:`RegressionTask` (e.g. from :func:`diffgen.tasks.regression.checkpoints.load_regressor`).
         molecules: sequence of ``(z [n] int, pos [n, 3] Å)``.
         batch_size: molecules per forward pass.
         progress: optional callable, called with the number of molecules done after each batch.

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from diffgen.checkpoint_files import first_line, read_lightning, read_safetensors, write_safetensors
+from diffgen.checkpoint_files import PRETRAINED_DIR, first_line, read_lightning, read_safetensors, write_safetensors
 from diffgen.config import Config, config_from_dict
 from diffgen.diffusion.samplers import NodeCountDistribution
 from diffgen.diffusion.vp import VPDiffusion
 from diffgen.errors import DiffgenError
 
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_CHECKPOINT = PRETRAINED_DIR / "qm9_egnn.safetensors"
 _FORMAT = "diffgen-generator-v1"
 
@@ -66,7 +65,7 @@ def load_generator(path: str | Path | None = None, device: str | torch.device = 
     Raises:
         DiffgenError: missing file, unreadable/corrupt file, or weights that do not fit the stored config.
     """
-    from diffgen.diffusion.build import build_diffusion
+    from diffgen.tasks.generation.build import build_diffusion
 
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.is_file():

@@ -1,11 +1,11 @@
-"""The ``diffgen`` command line (Typer). Thin: parses, calls the tasks, prints tables.
+"""Generation commands of the ``diffgen`` CLI: ``sample``, ``evaluate``, ``train``, ``export``, ``draw``.
 
-User errors (:class:`~diffgen.errors.DiffgenError`) end in a one-line ``error: ...`` on stderr and exit code 2.
+Thin: parses, calls the generation task, prints tables. User errors raise :class:`~diffgen.errors.DiffgenError`;
+:func:`diffgen.cli.main` prints them as one line and exits with code 2.
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,13 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from diffgen.cli_regress import regress_app
-from diffgen.cli_dynamics import dynamics_app
 from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.errors import DiffgenError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Equivariant diffusion models for 3D molecules (EDM recipe on QM9).")
+generate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 out_console = Console()
 
@@ -79,7 +76,7 @@ def _new_out_dir(out: Optional[Path]) -> Path:
     return out
 
 
-@app.command()
+@generate_app.command()
 def sample(
     n: int = typer.Option(100, "--n", help="Number of molecules."),
     checkpoint: Optional[Path] = typer.Option(None, help="Generator weights (.safetensors or Lightning .ckpt); default: shipped."),
@@ -97,10 +94,10 @@ def sample(
     """Generate 3D molecules, write SDF + XYZ, and print their EDM quality metrics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    from diffgen.checkpoints import load_generator
+    from diffgen.tasks.generation.checkpoints import load_generator
     from diffgen.eval.chem import GenerationMetrics
     from diffgen.io import ensure_new, write_sdf, write_xyz
-    from diffgen.diffusion.build import sample_molecules
+    from diffgen.tasks.generation.build import sample_molecules
 
     if n <= 0:
         raise DiffgenError(f"--n must be a positive number of molecules, got {n}")
@@ -144,7 +141,7 @@ def sample(
     out_console.print(f"wrote {sdf_path} and {xyz_path}")
 
 
-@app.command()
+@generate_app.command()
 def evaluate(
     file: Optional[Path] = typer.Argument(None, help="Molecules to score: .sdf or .xyz (3D coordinates)."),
     dataset: Optional[str] = typer.Option(None, help="Score a dataset instead of a file: qm9."),
@@ -188,7 +185,7 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@generate_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
     config: Path = typer.Option(Path("configs/qm9_egnn.yaml"), help="YAML config."),
@@ -198,7 +195,7 @@ def train(
 ):
     """Train the generator. Extra arguments are config overrides: section.key=value (e.g. model.hidden=128)."""
     from diffgen.config import load_config, trainer_overrides
-    from diffgen.tasks.generation import train_generation
+    from diffgen.tasks.generation.module import train_generation
 
     overrides = list(ctx.args)
     overrides += trainer_overrides(accelerator, devices, out_dir)
@@ -206,7 +203,7 @@ def train(
     train_generation(cfg)
 
 
-@app.command()
+@generate_app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen train`."),
     out: Path = typer.Argument(..., help="Output .safetensors (EMA weights; config YAML written beside it)."),
@@ -216,7 +213,7 @@ def export(
     """Export the EMA weights of a training checkpoint to a small safetensors file."""
     import torch
 
-    from diffgen.checkpoints import export_generator
+    from diffgen.tasks.generation.checkpoints import export_generator
 
     if out.suffix != ".safetensors":
         raise DiffgenError("OUT must end in .safetensors")
@@ -224,7 +221,7 @@ def export(
     out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
-@app.command()
+@generate_app.command()
 def draw(
     file: Path = typer.Argument(..., help="Molecules (.sdf or .xyz) to depict."),
     out: Path = typer.Option(..., help="Output PNG."),
@@ -243,23 +240,3 @@ def draw(
     molecules = read_molecules(file)[:n]
     draw_grid(molecules, out, per_row=per_row)
     out_console.print(f"wrote {out} ({len(molecules)} molecules)")
-
-
-app.add_typer(regress_app, name="regress")
-app.add_typer(dynamics_app, name="dynamics")
-
-
-def main() -> None:
-    """Console-script entry point: runs the app, turning user errors into one-line messages."""
-    try:
-        app()
-    except DiffgenError as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted", markup=False)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

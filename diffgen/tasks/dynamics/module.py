@@ -11,15 +11,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from diffgen.dynamics_config import DynamicsConfig, dynamics_config_from_dict
-from diffgen.tasks.dynamics_common import REFERENCE_NBODY_MSE, build_model, evaluate_pairs, pairs_dataset  # noqa: F401
+from diffgen.tasks.dynamics.config import DynamicsConfig, dynamics_config_from_dict
+from diffgen.tasks.dynamics.common import REFERENCE_NBODY_MSE, build_model, evaluate_pairs, pairs_dataset  # noqa: F401
 
 
 class DynamicsTask(pl.LightningModule):
     """Lightning wrapper: MSE between predicted and true future positions.
 
     Args:
-        config: nested dict of a :class:`~diffgen.dynamics_config.DynamicsConfig` (stored in the checkpoint).
+        config: nested dict of a :class:`~diffgen.tasks.dynamics.config.DynamicsConfig` (stored in the checkpoint).
     """
 
     def __init__(self, config: dict):
@@ -89,13 +89,13 @@ class PairsDataModule(pl.LightningDataModule):
 
 def train_dynamics(cfg: DynamicsConfig) -> DynamicsTask:
     """Train (or resume from ``cfg.trainer.out_dir/checkpoints/last.ckpt``) the dynamics model."""
-    from diffgen.tasks.training import make_trainer, resume_path
+    from diffgen.tasks.trainer import make_trainer, resume_path
 
     dm = PairsDataModule(cfg)  # validates the data (frames, shapes) before anything is printed
     pl.seed_everything(cfg.trainer.seed, workers=True)
     task = DynamicsTask(cfg.to_dict())
     if cfg.optim.init_from is not None and resume_path(cfg.trainer) is None:
-        from diffgen.tasks.dynamics_common import load_model
+        from diffgen.tasks.dynamics.common import load_model
 
         task.model.load_state_dict(load_model(cfg.optim.init_from)[0].state_dict())
     trainer = make_trainer(cfg.trainer)

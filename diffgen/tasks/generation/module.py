@@ -14,7 +14,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from diffgen.config import Config, config_from_dict
-from diffgen.diffusion.build import build_diffusion
+from diffgen.tasks.generation.build import build_diffusion
 from diffgen.diffusion.samplers import NodeCountDistribution, ancestral_sample
 
 
@@ -87,7 +87,7 @@ class GenerationTask(pl.LightningModule):
         Raises:
             DiffgenError: unreadable checkpoint, or weights that do not fit this task's model config.
         """
-        from diffgen.checkpoints import load_generator
+        from diffgen.tasks.generation.checkpoints import load_generator
         from diffgen.errors import DiffgenError
 
         state = load_generator(path).diffusion.state_dict()
@@ -136,7 +136,7 @@ def train_generation(cfg: Config) -> GenerationTask:
     Returns the trained task; the best/last checkpoints are in ``cfg.trainer.out_dir/checkpoints``.
     """
     from diffgen.data.datamodule import QM9DataModule
-    from diffgen.tasks.training import make_trainer, resume_path
+    from diffgen.tasks.trainer import make_trainer, resume_path
 
     pl.seed_everything(cfg.trainer.seed, workers=True)
     dm = QM9DataModule(cfg.data.root, cfg.data.batch_size, cfg.data.remove_h, cfg.data.num_workers, cfg.data.subset)

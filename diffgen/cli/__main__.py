@@ -1,0 +1,4 @@
+"""``python -m diffgen.cli``: the same as the ``diffgen`` command."""
+from diffgen.cli import main
+
+main()

@@ -178,7 +178,7 @@ def report(args) -> None:
 def train_throughput(args) -> None:
     from torch_geometric.loader import DataLoader
 
-    from diffgen.config import load_config
+    from diffgen.tasks.generation.config import load_generation_config as load_config
     from diffgen.data.qm9 import QM9
     from diffgen.tasks.generation.build import build_diffusion
 

@@ -1,131 +1,168 @@
-"""Typed configuration: nested dataclasses loaded from YAML, overridable with ``section.key=value``.
+"""The one configuration mechanism: typed dataclasses loaded from YAML, overridable with ``section.key=value``.
+
+Every task (``diffgen.tasks.generation.config``, ``.regression.config``, ``.dynamics.config``) declares its
+config as nested dataclasses and builds it with :func:`build_config` / :func:`load_config`; this module
+knows nothing of the tasks. Validation happens here, in one place:
+
+* types come from the type hints (``int``, ``float``, ``str``, ``bool``, ``list``, ``X | None``);
+* choices are ``Literal[...]`` hints;
+* numeric bounds are declared on the field with :func:`bounded` (e.g. ``hidden: int = bounded(128, ge=1)``);
+  every float must be finite (``nan``/``inf`` are refused);
+* cross-field rules live in an optional ``check(self)`` method of a dataclass, run after its fields are valid.
+
+Every violation raises :class:`~diffgen.errors.DiffgenError` with one line naming the key, e.g.
+``config key model.hidden must be >= 1, got 0``.
 
 Example::
 
-    cfg = load_config("configs/qm9_egnn.yaml", ["model.hidden=128", "trainer.max_epochs=5"])
-
-Unknown keys and values of the wrong type raise :class:`~diffgen.errors.DiffgenError` with one line.
+    cfg = load_config(GenerationConfig, "configs/qm9_egnn.yaml", ["model.hidden=128", "trainer.max_epochs=5"])
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
 from diffgen.errors import DiffgenError
 
+T = TypeVar("T")
 
-@dataclass
-class DataConfig:
-    root: str | None = None  # cache folder; None -> $DIFFGEN_CACHE or ~/.cache/diffgen
-    remove_h: bool = False
-    batch_size: int = 64
-    num_workers: int = 0
-    subset: str | None = None  # None, "half0" or "half1" (EDM conditional-generation halves)
+#: Precisions Lightning accepts for ``trainer.precision``.
+Precision = Literal["32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "64"]
 
 
-@dataclass
-class ModelConfig:
-    hidden: int = 256
-    n_layers: int = 9
-    attention: bool = True
-    norm_factor: float = 1.0
-    coords_range: float = 15.0
-    graph: str = "full"  # full | radius | knn
-    cutoff: float | None = None
-    k: int | None = None
-
-
-@dataclass
-class DiffusionConfig:
-    schedule: str = "polynomial"  # polynomial | cosine
-    T: int = 1000
-    s: float = 1.0e-5
-    parameterization: str = "eps"  # eps (EDM) | x0
-    loss_weight: str = "uniform"  # uniform (EDM) | min_snr (Hang et al. 2023)
-    min_snr: float = 5.0
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1.0e-4
-    weight_decay: float = 1.0e-12
-    ema_decay: float = 0.999
-    clip_adaptive: bool = True  # EDM: clip at 1.5 x mean + 2 x std of recent gradient norms
-    clip_value: float = 1.0  # fixed clip value used when clip_adaptive is False (0 = off)
-    warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps (0 = off)
-    init_from: str | None = None  # start from these generator weights (.safetensors/.ckpt, fresh optimizer) unless resuming
-
-
-@dataclass
-class TrainerConfig:
-    out_dir: str = "runs/qm9_egnn"
-    max_epochs: int = 1000
-    max_steps: int = -1
-    max_time: str | None = None  # e.g. "00:02:00:00" (DD:HH:MM:SS)
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    precision: str = "32-true"
-    seed: int = 0
-    log_every_n_steps: int = 50
-    limit_train_batches: float = 1.0
-    limit_val_batches: float = 1.0
-    ckpt_every_n_steps: int = 1000
-    sample_every_n_epochs: int = 5  # periodic sampling metrics (0 = off)
-    n_eval_samples: int = 100
-    eval_steps: int = 100
-
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+class ConfigRoot:
+    """Base of a task's top-level config dataclass: :meth:`to_dict` gives the plain data checkpoints store."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field with numeric bounds checked by :func:`build_config` (``ge``: >=, ``gt``: >, ``le``: <=)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning trainer settings shared by every task (:func:`diffgen.tasks.trainer.make_trainer`)."""
+
+    out_dir: str = "runs/run"
+    max_epochs: int = bounded(1000, ge=-1)
+    max_steps: int = bounded(-1, ge=-1)
+    max_time: str | None = None  # e.g. "00:02:00:00" (DD:HH:MM:SS)
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    precision: Precision = "32-true"
+    seed: int = 0
+    log_every_n_steps: int = bounded(50, ge=1)
+    limit_train_batches: float = bounded(1.0, gt=0)
+    limit_val_batches: float = bounded(1.0, ge=0)
+    ckpt_every_n_steps: int = bounded(1000, ge=1)
+
+
+@dataclass
+class EGNNConfig:
+    """Backbone fields shared by every task's model section (:class:`diffgen.models.egnn.EGNN`)."""
+
+    hidden: int = bounded(256, ge=1)
+    n_layers: int = bounded(9, ge=1)
+    attention: bool = True
+    norm_factor: float = bounded(1.0, gt=0)
+
+
+GraphKind = Literal["full", "radius", "knn"]
+
+#: Generator-only trainer keys that regression and dynamics checkpoints written before the re-layout carry.
+_LEGACY_TRAINER_KEYS = ("sample_every_n_epochs", "n_eval_samples", "eval_steps")
+
+
+def drop_legacy_keys(values: dict | None) -> dict:
+    """A copy of a stored regression/dynamics config without the generator-only trainer keys old files carry."""
+    values = dict(values or {})
+    if isinstance(values.get("trainer"), dict):
+        values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in _LEGACY_TRAINER_KEYS}
+    return values
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert a YAML value against a dataclass field type hint."""
-    text = str(hint)
-    if value is None:
-        if "None" in text or hint is Any:
-            return None
-        raise DiffgenError(f"config key {key} may not be null")
+    """Check/convert a YAML value against a dataclass field's type hint; one-line error if it does not fit."""
+    origin, args = get_origin(hint), get_args(hint)
     if hint is Any:
         return value
-    if hint is bool or text == "bool":
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        raise DiffgenError(f"config key {key} has an unsupported type {hint}")
+    if value is None:
+        raise DiffgenError(f"config key {key} may not be null")
+    if origin is Literal:
+        if value not in args and str(value) in args:  # e.g. trainer.precision=32 read by YAML as an int
+            value = str(value)
+        if value not in args:
+            raise DiffgenError(f"config key {key} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if hint is bool:
         if isinstance(value, bool):
             return value
         raise DiffgenError(f"config key {key} must be true or false, got {value!r}")
-    for typ in (int, float, str):
-        if hint is typ or text in (typ.__name__, f"{typ.__name__} | None"):
-            if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if typ is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                return str(value)
-            if isinstance(value, typ) and not isinstance(value, bool):
-                return value
-            raise DiffgenError(f"config key {key} must be {typ.__name__}, got {value!r}")
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise DiffgenError(f"config key {key} must be a finite number, got {value!r}")
+            return float(value)
+        raise DiffgenError(f"config key {key} must be float, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise DiffgenError(f"config key {key} must be int, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise DiffgenError(f"config key {key} must be str, got {value!r}")
+    if hint is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return [value]
+        raise DiffgenError(f"config key {key} must be a list, got {value!r}")
     return value
+
+
+def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for name, op, text in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                           ("le", lambda a, b: a <= b, "<=")):
+        bound = meta.get(name)
+        if bound is not None and not op(value, bound):
+            raise DiffgenError(f"config key {key} must be {text} {bound:g}, got {value!r}")
 
 
 def _update(obj: Any, values: dict, prefix: str = "") -> None:
     hints = get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if key not in hints:
+        if key not in fields:
             raise DiffgenError(f"unknown config key {name}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -136,15 +173,40 @@ def _update(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], name))
 
 
-def config_from_dict(values: dict | None) -> Config:
-    """Build a :class:`Config` from a (possibly partial) nested dict."""
-    cfg = Config()
+def _validate(obj: Any, prefix: str = "") -> None:
+    """Bounds and choices of every field (defaults included), then each dataclass's own ``check()``."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _validate(value, f"{name}.")
+        else:
+            _coerce(value, hints[f.name], name)
+            _check_bounds(value, f.metadata, name)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check()
+
+
+def build_config(cls: type[T], values: dict | None = None) -> T:
+    """Build and validate the dataclass ``cls`` from a (possibly partial) nested dict.
+
+    Raises:
+        DiffgenError: unknown key, wrongly typed value, value out of bounds or not among the choices,
+            or a cross-field rule of a ``check()`` method.
+    """
+    cfg = cls()
     _update(cfg, values or {})
+    _validate(cfg)
     return cfg
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:
-    """``["model.hidden=128", "trainer.devices=2"]`` -> nested dict (values parsed as YAML scalars)."""
+    """``["model.hidden=128", "trainer.devices=2"]`` -> nested dict (values parsed as YAML scalars).
+
+    Raises:
+        DiffgenError: an override without ``=``.
+    """
     out: dict = {}
     for item in overrides or []:
         if "=" not in item:
@@ -158,6 +220,8 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         parts = path.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DiffgenError(f"override {item!r} sets a key below a value")
         node[parts[-1]] = value
     return out
 
@@ -178,10 +242,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def packaged_config(name: str) -> Path:
+    """Path of a default config shipped inside the package (``diffgen/configs/NAME``), usable outside the repo.
+
+    Raises:
+        DiffgenError: no such packaged config.
+    """
+    path = Path(str(resources.files("diffgen") / "configs" / name))
+    if not path.is_file():
+        raise DiffgenError(f"no packaged config named {name}")
+    return path
+
+
 def read_config_values(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Nested dict of a YAML config file (``{}`` if ``path`` is None) with ``section.key=value`` overrides merged in.
-
-    Shared by every task's config loader (generation, regression, dynamics).
 
     Raises:
         DiffgenError: unreadable file, invalid YAML, non-mapping document or malformed override.
@@ -200,22 +274,10 @@ def read_config_values(path: str | Path | None = None, overrides: list[str] | No
     return _merge(values, parse_overrides(overrides))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or defaults if ``path`` is None) and apply ``section.key=value`` overrides.
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load a YAML config into ``cls`` (defaults if ``path`` is None) and apply ``section.key=value`` overrides.
 
     Raises:
-        DiffgenError: unreadable file, invalid YAML, unknown key, wrongly typed or unknown choice.
+        DiffgenError: unreadable file, invalid YAML, unknown key, wrongly typed, out-of-bounds or unknown choice.
     """
-    cfg = config_from_dict(read_config_values(path, overrides))
-    choices = {"diffusion.schedule": ("polynomial", "cosine"), "diffusion.parameterization": ("eps", "x0"),
-               "diffusion.loss_weight": ("uniform", "min_snr"), "model.graph": ("full", "radius", "knn")}
-    for key, allowed in choices.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise DiffgenError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
-    if cfg.optim.warmup_steps < 0:
-        raise DiffgenError(f"config key optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
-    if cfg.optim.init_from is not None and not Path(cfg.optim.init_from).is_file():
-        raise DiffgenError(f"optim.init_from: checkpoint not found: {cfg.optim.init_from}")
-    return cfg
+    return build_config(cls, read_config_values(path, overrides))

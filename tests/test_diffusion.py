@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
-from diffgen.config import config_from_dict
+from diffgen.tasks.generation.config import config_from_dict
 from diffgen.data.qm9 import node_count_histogram
 from diffgen.diffusion.samplers import NodeCountDistribution, _posterior_step, ancestral_sample
 from diffgen.diffusion.schedules import NoiseSchedule, alpha, sigma
@@ -416,7 +416,7 @@ def test_node_count_distribution(qm9_train):
 @pytest.mark.parametrize("param", ["eps", "x0"])
 def test_parameterizations_give_equivariant_eps(param):
     """Both parameterisations: eps_hat positions rotate with the input and stay zero-CoM; types invariant."""
-    from diffgen.config import Config
+    from diffgen.tasks.generation.config import GenerationConfig as Config
     from diffgen.tasks.generation.build import build_diffusion
 
     torch.manual_seed(0)
@@ -439,7 +439,7 @@ def test_parameterizations_give_equivariant_eps(param):
 
 def test_min_snr_weighting_downweights_low_noise():
     """min_snr: the weighted loss equals the plain eps-MSE where SNR <= k, and is smaller where SNR > k."""
-    from diffgen.config import Config
+    from diffgen.tasks.generation.config import GenerationConfig as Config
     from diffgen.tasks.generation.build import build_diffusion
 
     torch.manual_seed(0)
@@ -458,7 +458,7 @@ def test_min_snr_weighting_downweights_low_noise():
 
 
 def test_unknown_parameterization_is_one_line_error():
-    from diffgen.config import load_config
+    from diffgen.tasks.generation.config import load_generation_config as load_config
     from diffgen.errors import DiffgenError
 
     with pytest.raises(DiffgenError, match="diffusion.parameterization"):

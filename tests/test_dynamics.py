@@ -238,7 +238,7 @@ def test_cli_train_evaluate_and_bad_input(tmp_path):
     _one_line_error(run_cli("dynamics", "evaluate", "--checkpoint", str(ckpt), "--data", str(bad), env_extra=env),
                     "mismatched atom counts")
     _one_line_error(run_cli("dynamics", "evaluate", "--checkpoint", str(tmp_path / "nope.ckpt")), "not found")
-    _one_line_error(run_cli("dynamics", "train", "--dataset", "md17"), "unknown dataset")
+    _one_line_error(run_cli("dynamics", "train", "--dataset", "md17"), "data.dataset must be one of")
 
 
 def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):

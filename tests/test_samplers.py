@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch_geometric.utils import scatter
 
-from diffgen.config import Config
+from diffgen.tasks.generation.config import GenerationConfig as Config
 from diffgen.diffusion.samplers import SAMPLERS, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.errors import DiffgenError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from diffgen.tasks.generation.checkpoints import export_generator, load_generator
-from diffgen.config import load_config
+from diffgen.tasks.generation.config import load_generation_config as load_config
 from diffgen.tasks.generation.build import sample_molecules
 from diffgen.tasks.generation.module import train_generation
 

@@ -194,12 +194,13 @@ def train(
     out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
 ):
     """Train the generator. Extra arguments are config overrides: section.key=value (e.g. model.hidden=128)."""
-    from diffgen.config import load_config, trainer_overrides
+    from diffgen.config import trainer_overrides
+    from diffgen.tasks.generation.config import load_generation_config
     from diffgen.tasks.generation.module import train_generation
 
     overrides = list(ctx.args)
     overrides += trainer_overrides(accelerator, devices, out_dir)
-    cfg = load_config(config, overrides)
+    cfg = load_generation_config(config, overrides)
     train_generation(cfg)
 
 

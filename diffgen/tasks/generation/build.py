@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from diffgen.config import Config
+from diffgen.tasks.generation.config import GenerationConfig
 from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.diffusion.samplers import NodeCountDistribution, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
@@ -11,7 +11,7 @@ from diffgen.diffusion.vp import N_FEATURES, Denoiser, VPDiffusion
 from diffgen.models.egnn import EGNN
 
 
-def build_diffusion(cfg: Config) -> VPDiffusion:
+def build_diffusion(cfg: GenerationConfig) -> VPDiffusion:
     """The EDM process with an EGNN denoiser as described by ``cfg.model`` and ``cfg.diffusion``."""
     m, d = cfg.model, cfg.diffusion
     backbone = EGNN(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,

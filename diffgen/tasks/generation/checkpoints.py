@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from diffgen.checkpoint_files import PRETRAINED_DIR, first_line, read_lightning, read_safetensors, write_safetensors
-from diffgen.config import Config, config_from_dict
+from diffgen.tasks.generation.config import GenerationConfig, config_from_dict
 from diffgen.diffusion.samplers import NodeCountDistribution
 from diffgen.diffusion.vp import VPDiffusion
 from diffgen.errors import DiffgenError
@@ -28,7 +28,7 @@ class Generator:
 
     diffusion: VPDiffusion
     node_dist: NodeCountDistribution
-    config: Config
+    config: GenerationConfig
     source: Path
 
 

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from diffgen.config import Config, config_from_dict
+from diffgen.tasks.generation.config import GenerationConfig, config_from_dict
 from diffgen.tasks.generation.build import build_diffusion
 from diffgen.diffusion.samplers import NodeCountDistribution, ancestral_sample
 
@@ -22,7 +22,7 @@ class GenerationTask(pl.LightningModule):
     """Lightning wrapper: ``training_step`` = EDM loss; ``self.ema`` holds the EMA weights used for sampling.
 
     Args:
-        config: nested dict of a :class:`~diffgen.config.Config` (stored in the checkpoint).
+        config: nested dict of a :class:`~diffgen.tasks.generation.config.GenerationConfig` (stored in the checkpoint).
         node_histogram: training atom-count histogram ``[max_n + 1]`` (stored in the checkpoint).
     """
 
@@ -130,7 +130,7 @@ def ema_with_warmup(decay: float):
     return update
 
 
-def train_generation(cfg: Config) -> GenerationTask:
+def train_generation(cfg: GenerationConfig) -> GenerationTask:
     """Train (or resume, if ``cfg.trainer.out_dir/checkpoints/last.ckpt`` exists) the generator on QM9.
 
     Returns the trained task; the best/last checkpoints are in ``cfg.trainer.out_dir/checkpoints``.

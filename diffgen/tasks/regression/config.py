@@ -1,91 +1,74 @@
 """Typed configuration of QM9 property regression (``configs/qm9_regress.yaml``).
 
-Same mechanics as :mod:`diffgen.config` (YAML + ``section.key=value`` overrides, one-line
-:class:`~diffgen.errors.DiffgenError` on unknown keys or wrong types); the trainer section is the
+Built with the one mechanism of :mod:`diffgen.config` (YAML + ``section.key=value`` overrides, choices as
+``Literal``, bounds on the fields, one-line :class:`~diffgen.errors.DiffgenError`); the trainer section is the
 shared :class:`~diffgen.config.TrainerConfig`. Defaults follow Satorras et al. 2021 (EGNN, QM9):
 invariant EGNN 7 layers x 128, batch 96, Adam lr 1e-3 with cosine decay, one target per model.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-
-from diffgen.config import TrainerConfig, _update, read_config_values
-from diffgen.errors import DiffgenError
+from diffgen.config import (
+    ConfigRoot, EGNNConfig, GraphKind, TrainerConfig, bounded, build_config, drop_legacy_keys, load_config,
+)
+from diffgen.tasks.regression.targets import resolve_targets
 
 
 @dataclass
 class RegressionDataConfig:
     root: str | None = None  # cache folder; None -> $DIFFGEN_CACHE or ~/.cache/diffgen
-    batch_size: int = 96
-    num_workers: int = 0
-    subset: str | None = None  # None (100k train), "half0" or "half1" (EDM conditional-generation halves)
+    batch_size: int = bounded(96, ge=1)
+    num_workers: int = bounded(0, ge=0)
+    subset: Literal["half0", "half1"] | None = None  # None (100k train) or an EDM conditional-generation half
 
 
 @dataclass
 class RegressionTaskConfig:
     targets: list = field(default_factory=lambda: ["gap"])  # one or more of diffgen.data.qm9.TARGETS
 
+    def check(self) -> None:
+        self.targets = resolve_targets(self.targets)
+
 
 @dataclass
-class RegressionModelConfig:
-    hidden: int = 128
-    n_layers: int = 7
-    attention: bool = True
-    norm_factor: float = 1.0  # EGNN QM9 sums messages without normalisation
-    charge_power: int = 2  # node features: one-hot x (Z/9)^k, k = 0..charge_power (EGNN QM9)
-    graph: str = "full"  # full | radius | knn
-    cutoff: float | None = None
-    k: int | None = None
+class RegressionModelConfig(EGNNConfig):
+    hidden: int = bounded(128, ge=1)
+    n_layers: int = bounded(7, ge=1)
+    norm_factor: float = bounded(1.0, gt=0)  # EGNN QM9 sums messages without normalisation
+    charge_power: int = bounded(2, ge=0)  # node features: one-hot x (Z/9)^k, k = 0..charge_power (EGNN QM9)
+    graph: GraphKind = "full"
+    cutoff: float | None = bounded(None, gt=0)
+    k: int | None = bounded(None, ge=1)
 
 
 @dataclass
 class RegressionOptimConfig:
-    optimizer: str = "adam"  # adam | adamw
-    lr: float = 1.0e-3
-    weight_decay: float = 1.0e-16
-    scheduler: str = "cosine"  # cosine (per step, to 0 over the planned steps) | none
-    warmup_steps: int = 0
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = bounded(1.0e-3, gt=0)
+    weight_decay: float = bounded(1.0e-16, ge=0)
+    scheduler: Literal["cosine", "none"] = "cosine"  # cosine: per step, to 0 over the planned steps
+    warmup_steps: int = bounded(0, ge=0)
 
 
 @dataclass
-class RegressionConfig:
+class RegressionConfig(ConfigRoot):
     data: RegressionDataConfig = field(default_factory=RegressionDataConfig)
     task: RegressionTaskConfig = field(default_factory=RegressionTaskConfig)
     model: RegressionModelConfig = field(default_factory=RegressionModelConfig)
     optim: RegressionOptimConfig = field(default_factory=RegressionOptimConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/qm9_regress"))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _validate(cfg: RegressionConfig) -> RegressionConfig:
-    from diffgen.tasks.regression.targets import resolve_targets
-
-    cfg.task.targets = resolve_targets(cfg.task.targets)
-    if cfg.data.subset not in (None, "half0", "half1"):
-        raise DiffgenError(f"unknown data.subset {cfg.data.subset!r}: choose half0 or half1 (or null)")
-    if cfg.data.batch_size < 1:
-        raise DiffgenError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
-    if cfg.optim.optimizer not in ("adam", "adamw"):
-        raise DiffgenError(f"unknown optim.optimizer {cfg.optim.optimizer!r}: choose adam or adamw")
-    if cfg.optim.scheduler not in ("cosine", "none"):
-        raise DiffgenError(f"unknown optim.scheduler {cfg.optim.scheduler!r}: choose cosine or none")
-    if cfg.model.graph not in ("full", "radius", "knn"):
-        raise DiffgenError(f"unknown model.graph {cfg.model.graph!r}: choose full, radius or knn")
-    if cfg.model.hidden < 1 or cfg.model.n_layers < 1 or cfg.model.charge_power < 0:
-        raise DiffgenError("model.hidden and model.n_layers must be >= 1 and model.charge_power >= 0")
-    return cfg
-
 
 def regression_config_from_dict(values: dict | None) -> RegressionConfig:
-    """Build and validate a :class:`RegressionConfig` from a (possibly partial) nested dict."""
-    cfg = RegressionConfig()
-    _update(cfg, values or {})
-    return _validate(cfg)
+    """Build and validate a :class:`RegressionConfig` from a (possibly partial) nested dict, e.g. a checkpoint's.
+
+    Raises:
+        DiffgenError: unknown key, wrong type, out-of-bounds value, unknown choice or target (one line).
+    """
+    return build_config(RegressionConfig, drop_legacy_keys(values))
 
 
 def load_regression_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RegressionConfig:
@@ -94,4 +77,4 @@ def load_regression_config(path: str | Path | None = None, overrides: list[str] 
     Raises:
         DiffgenError: unreadable file, invalid YAML, unknown key, wrongly typed or invalid value.
     """
-    return regression_config_from_dict(read_config_values(path, overrides))
+    return load_config(RegressionConfig, path, overrides)

@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/generation.py speed                 # `diffgen sample --n 100` wall time at 1000 and 100 steps
     python benchmarks/generation.py quality --n 1000 --steps 1000 100 [--sampler dpm2m]
-    python benchmarks/generation.py train-throughput      # training molecules/s of configs/qm9_egnn.yaml
+    python benchmarks/generation.py train-throughput      # training molecules/s of diffgen/configs/qm9_egnn.yaml
     python benchmarks/generation.py sweep --samplers ancestral dpm2m dpm2m-sde --nfe 100 50 20 10 --n 1000
     python benchmarks/generation.py score-sdf --sampler ancestral --nfe 1000 --seconds 2900 runs/s*/samples.sdf
     python benchmarks/generation.py report                # -> the sweep table in benchmarks/results/generation.md
@@ -221,7 +221,7 @@ def main() -> None:
     q.add_argument("--checkpoint", default=None)
     q.add_argument("--json", default=None)
     t = sub.add_parser("train-throughput")
-    t.add_argument("--config", default="configs/qm9_egnn.yaml")
+    t.add_argument("--config", default="diffgen/configs/qm9_egnn.yaml")
     t.add_argument("--iters", type=int, default=30)
     t.add_argument("--warmup", type=int, default=5)
     w = sub.add_parser("sweep")

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("epochs", type=int)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.hidden=32")
-    ap.add_argument("--config", default="configs/nbody_egnn.yaml")
+    ap.add_argument("--config", default="diffgen/configs/nbody_egnn.yaml")
     ap.add_argument("--out-dir", default="runs/nbody_variants")
     ap.add_argument("--adamw", action="store_true", help="AdamW (decoupled weight decay) instead of Adam")
     ap.add_argument("--input-noise", type=float, default=0.0, help="std of Gaussian noise added to input positions")

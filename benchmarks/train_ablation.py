@@ -1,6 +1,6 @@
 """Training-efficiency ablations of the generator on an equal budget (same optimiser steps, same machine).
 
-Each variant trains ``configs/qm9_egnn.yaml`` plus the common budget overrides plus its own overrides with
+Each variant trains ``diffgen/configs/qm9_egnn.yaml`` plus the common budget overrides plus its own overrides with
 ``diffgen train``, then scores the EMA weights of its last checkpoint on
 
 * the plain (uniformly weighted) eps-MSE of 2,000 validation molecules with fixed ``t`` and noise, and
@@ -43,7 +43,7 @@ VARIANTS: dict[str, list[str]] = {
 
 def train(name: str, out: Path, extra: list[str]) -> float:
     run = out / name
-    cmd = [sys.executable, "-m", "diffgen.cli", "train", "--config", "configs/qm9_egnn.yaml", "--out-dir", str(run),
+    cmd = [sys.executable, "-m", "diffgen.cli", "train", "--config", "diffgen/configs/qm9_egnn.yaml", "--out-dir", str(run),
            *COMMON, *VARIANTS[name], *extra]
     t0 = time.perf_counter()
     with open(out / f"{name}.train.log", "w") as log:

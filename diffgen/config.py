@@ -15,7 +15,7 @@ Every violation raises :class:`~diffgen.errors.DiffgenError` with one line namin
 
 Example::
 
-    cfg = load_config(GenerationConfig, "configs/qm9_egnn.yaml", ["model.hidden=128", "trainer.max_epochs=5"])
+    cfg = load_config(GenerationConfig, "qm9_egnn", ["model.hidden=128", "trainer.max_epochs=5"])
 """
 from __future__ import annotations
 
@@ -242,29 +242,39 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def packaged_config(name: str) -> Path:
-    """Path of a default config shipped inside the package (``diffgen/configs/NAME``), usable outside the repo.
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``diffgen/configs/*.yaml``), e.g. ``qm9_egnn``."""
+    return sorted(p.name[:-5] for p in resources.files("diffgen").joinpath("configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_config(path_or_name: str | Path) -> Path:
+    """A config file: an existing path, else the packaged config of that name (``qm9_egnn``, ``qm9_egnn.yaml``
+    and ``configs/qm9_egnn.yaml`` all name ``diffgen/configs/qm9_egnn.yaml``), so the defaults work outside the repo.
 
     Raises:
-        DiffgenError: no such packaged config.
+        DiffgenError: neither a file nor a packaged config name.
     """
-    path = Path(str(resources.files("diffgen") / "configs" / name))
-    if not path.is_file():
-        raise DiffgenError(f"no packaged config named {name}")
-    return path
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    packaged = resources.files("diffgen").joinpath("configs", f"{name}.yaml")
+    if packaged.is_file() and p.parent in (Path("."), Path("configs")):
+        return Path(str(packaged))
+    raise DiffgenError(f"config file not found: {p} (packaged configs: {', '.join(packaged_configs())})")
 
 
 def read_config_values(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Nested dict of a YAML config file (``{}`` if ``path`` is None) with ``section.key=value`` overrides merged in.
+    """Nested dict of a YAML config (``{}`` if ``path`` is None; a path or a packaged name, see
+    :func:`resolve_config`) with ``section.key=value`` overrides merged in.
 
     Raises:
         DiffgenError: unreadable file, invalid YAML, non-mapping document or malformed override.
     """
     values: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DiffgenError(f"config file not found: {p}")
+        p = resolve_config(path)
         try:
             values = yaml.safe_load(p.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

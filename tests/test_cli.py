@@ -113,3 +113,9 @@ def test_sample_with_each_sampler_and_unknown_sampler(tmp_path: Path):
         assert f"{name} sampler" in res.stdout
     assert_one_line_error(run_cli("sample", "--n", "2", "--sampler", "heun9", "--out", str(tmp_path / "x")),
                           "unknown sampler")
+
+
+def test_train_outside_the_repo_reports_a_bad_override_in_one_line(tmp_path: Path):
+    # the default config is packaged, so this reaches validation from any folder; nothing is trained
+    assert_one_line_error(run_cli("train", "model.hidden=0", cwd=tmp_path), "model.hidden must be >= 1")
+    assert not (tmp_path / "runs").exists()

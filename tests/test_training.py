@@ -10,7 +10,7 @@ from diffgen.tasks.generation.module import train_generation
 
 
 def tiny_config(out_dir, max_steps):
-    return load_config("configs/qm9_egnn.yaml", [
+    return load_config("diffgen/configs/qm9_egnn.yaml", [
         f"trainer.out_dir={out_dir}", f"trainer.max_steps={max_steps}", "trainer.limit_val_batches=2",
         "trainer.ckpt_every_n_steps=2", "trainer.sample_every_n_epochs=1", "trainer.n_eval_samples=3",
         "trainer.eval_steps=2", "trainer.limit_train_batches=2", "trainer.accelerator=cpu", "trainer.devices=1",

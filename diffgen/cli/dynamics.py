@@ -25,7 +25,7 @@ dynamics_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_ex
 console = Console(stderr=True)
 out_console = Console()
 
-DEFAULT_CONFIG = Path("configs/nbody_egnn.yaml")
+DEFAULT_CONFIG = "nbody_egnn"  # packaged config (diffgen/configs)
 
 
 def _threads(n: Optional[int]) -> None:
@@ -42,8 +42,7 @@ def train(
     ctx: typer.Context,
     dataset: str = typer.Option("nbody", help="Data set: nbody (3,000/2,000/2,000 charged-particle trajectories) "
                                 "or alanine_dipeptide (runs from `diffgen dynamics simulate`)."),
-    config: Optional[Path] = typer.Option(None, help=f"YAML config (default: {DEFAULT_CONFIG} if present, "
-                                          "else built-in defaults)."),
+    config: str = typer.Option(DEFAULT_CONFIG, help="YAML config: a file, or the name of a packaged config."),
     out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
     accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
     devices: Optional[str] = typer.Option(None, help="Number of devices or 'auto'."),
@@ -56,8 +55,6 @@ def train(
     overrides = list(ctx.args)
     overrides.append(f"data.dataset={dataset}")
     overrides += trainer_overrides(accelerator, devices, out_dir)
-    if config is None and DEFAULT_CONFIG.is_file():
-        config = DEFAULT_CONFIG
     cfg = load_dynamics_config(config, overrides)
     _threads(threads)
     from diffgen.tasks.dynamics.module import train_dynamics

@@ -188,7 +188,8 @@ def evaluate(
 @generate_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
-    config: Path = typer.Option(Path("configs/qm9_egnn.yaml"), help="YAML config."),
+    config: str = typer.Option("qm9_egnn", help="YAML config: a file, or the name of a packaged config "
+                               "(qm9_egnn = the shipped model's recipe, qm9_egnn_edm = EDM's)."),
     accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
     devices: Optional[str] = typer.Option(None, help="Number of devices or 'auto' (several GPUs use DDP)."),
     out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),

@@ -24,7 +24,7 @@ regress_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exc
 console = Console(stderr=True)
 out_console = Console()
 
-DEFAULT_CONFIG = Path("configs/qm9_regress.yaml")
+DEFAULT_CONFIG = "qm9_regress"  # packaged config (diffgen/configs)
 
 
 def _threads(n: Optional[int]) -> None:
@@ -46,8 +46,7 @@ def train(
     ctx: typer.Context,
     target: Optional[List[str]] = typer.Option(None, "--target", help="Target(s): mu, alpha, homo, lumo, gap, r2, "
                                                "zpve, U0, U, H, G, Cv; repeat or comma-separate for one multi-target model."),
-    config: Optional[Path] = typer.Option(None, help=f"YAML config (default: {DEFAULT_CONFIG} if present, "
-                                          "else built-in defaults)."),
+    config: str = typer.Option(DEFAULT_CONFIG, help="YAML config: a file, or the name of a packaged config."),
     out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
     subset: Optional[str] = typer.Option(None, help="Train on one half of the train split: half0 or half1 (EDM protocol)."),
     accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
@@ -67,8 +66,6 @@ def train(
             raise DiffgenError(f"unknown --subset {subset!r}: choose half0 or half1")
         overrides.append(f"data.subset={subset}")
     overrides += trainer_overrides(accelerator, devices, out_dir)
-    if config is None and DEFAULT_CONFIG.is_file():
-        config = DEFAULT_CONFIG
     cfg = load_regression_config(config, overrides)
     _threads(threads)
     from diffgen.tasks.regression.module import train_regression

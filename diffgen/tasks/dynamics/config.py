@@ -1,4 +1,4 @@
-"""Typed configuration of dynamics prediction (``configs/nbody_egnn.yaml``).
+"""Typed configuration of dynamics prediction (``diffgen/configs/nbody_egnn.yaml``).
 
 Built with the one mechanism of :mod:`diffgen.config` (YAML + ``section.key=value`` overrides, choices as
 ``Literal``, bounds on the fields, one-line :class:`~diffgen.errors.DiffgenError`); the trainer section is the

@@ -1,4 +1,4 @@
-"""Configuration of the generator (``configs/qm9_egnn.yaml``): EDM on QM9 (Hoogeboom et al. 2022, App. B).
+"""Configuration of the generator (``diffgen/configs/qm9_egnn.yaml``): EDM on QM9 (Hoogeboom et al. 2022, App. B).
 
 Built with the one mechanism of :mod:`diffgen.config` (YAML + ``section.key=value`` overrides, choices as
 ``Literal``, bounds on the fields, one-line :class:`~diffgen.errors.DiffgenError`). Defaults are EDM's

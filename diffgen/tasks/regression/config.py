@@ -1,4 +1,4 @@
-"""Typed configuration of QM9 property regression (``configs/qm9_regress.yaml``).
+"""Typed configuration of QM9 property regression (``diffgen/configs/qm9_regress.yaml``).
 
 Built with the one mechanism of :mod:`diffgen.config` (YAML + ``section.key=value`` overrides, choices as
 ``Literal``, bounds on the fields, one-line :class:`~diffgen.errors.DiffgenError`); the trainer section is the

@@ -175,7 +175,7 @@ def test_checkpoint_roundtrip_and_multi_target(tmp_path):
 
 
 def test_config_and_target_names():
-    cfg = load_regression_config(Path(__file__).resolve().parents[1] / "configs" / "qm9_regress.yaml", ["task.targets=u0,cv", "data.subset=half1"])
+    cfg = load_regression_config("qm9_regress", ["task.targets=u0,cv", "data.subset=half1"])
     assert cfg.task.targets == ["U0", "Cv"] and cfg.data.subset == "half1"
     assert cfg.model.n_layers == 7 and cfg.model.hidden == 128 and cfg.data.batch_size == 96
     assert resolve_targets("gap") == ["gap"]

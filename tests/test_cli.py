@@ -73,7 +73,7 @@ def test_evaluate_generated_file(sampled: Path):
 
 @pytest.mark.parametrize("n", ["0", "-3"])
 def test_non_positive_n(n: str):
-    assert_one_line_error(run_cli("sample", "--n", n), "--n must be a positive")
+    assert_one_line_error(run_cli("sample", "--n", n), "--n must be positive")
 
 
 def test_missing_checkpoint(tmp_path: Path):
@@ -119,3 +119,83 @@ def test_train_outside_the_repo_reports_a_bad_override_in_one_line(tmp_path: Pat
     # the default config is packaged, so this reaches validation from any folder; nothing is trained
     assert_one_line_error(run_cli("train", "model.hidden=0", cwd=tmp_path), "model.hidden must be >= 1")
     assert not (tmp_path / "runs").exists()
+
+
+def invoke(*args: str, cwd: Path | None = None):
+    """Run the CLI in-process (fast); returns Typer's result (``result.exception`` holds a raised DiffgenError)."""
+    from typer.testing import CliRunner
+
+    from diffgen.cli import app
+
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(old)
+
+
+def assert_user_error(result, fragment: str) -> None:
+    from diffgen.errors import DiffgenError
+
+    assert isinstance(result.exception, DiffgenError), result.output
+    message = str(result.exception)
+    assert fragment in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["sample", "--n", "1000000000"], "GiB, more than half of this machine's"),
+    (["sample", "--steps", "1000000000"], "--steps 1000000000 is more than"),
+    (["sample", "--batch-size", "1000000000", "--n", "10"], None),  # batch clipped to n: fine, checked below
+    (["sample", "--device", "mps"], "MPS is not available"),
+    (["sample", "--device", "cuda:7"], "--device cuda:7"),
+    (["sample", "--device", "quantum"], "unknown --device"),
+    (["sample", "--out", "missing/folder/x"], "folder missing/folder does not exist"),
+    (["draw", "samples.sdf", "--out", "grid.svg"], "grid.svg must end in .png"),
+    (["evaluate", "samples.xyz", "--json", "missing/m.json"], "folder missing does not exist"),
+    (["export", "last.ckpt", "weights.bin"], "weights.bin must end in .safetensors"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path: Path, args: list[str], fragment: str | None):
+    repo_samples = Path(__file__).resolve().parents[1] / "samples"
+    for name in ("samples.sdf", "samples.xyz"):
+        (tmp_path / name).write_bytes((repo_samples / name).read_bytes())
+    if fragment is None:  # a huge batch size is clipped to --n: the memory check passes, then sampling is tiny
+        args = args + ["--steps", "2", "--out", "o", "--no-novelty"]
+        assert invoke(*args, cwd=tmp_path).exit_code == 0
+        return
+    assert_user_error(invoke(*args, cwd=tmp_path), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.sdf", "samples.xyz"]  # nothing was written
+
+
+def test_existing_results_are_never_overwritten_without_flag(tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # a user's file: sample must not replace it
+    assert_user_error(invoke("sample", "--n", "2", "--steps", "2", "--out", str(out), "--no-novelty"),
+                      "metrics.json already exists")
+    assert (out / "metrics.json").read_text() == "{}"
+    json_path = tmp_path / "m.json"
+    json_path.write_text("mine")
+    xyz = Path(__file__).resolve().parents[1] / "samples" / "samples.xyz"
+    assert_user_error(invoke("evaluate", str(xyz), "--json", str(json_path), "--no-novelty"), "already exists")
+    assert json_path.read_text() == "mine"
+    assert invoke("evaluate", str(xyz), "--json", str(json_path), "--no-novelty", "--overwrite").exit_code == 0
+    assert '"atom_stability"' in json_path.read_text()
+
+
+def test_two_runs_in_the_same_second_get_their_own_folders(tmp_path: Path, monkeypatch):
+    import datetime as dt
+
+    import diffgen.cli.generate as generate
+
+    class FrozenClock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(generate, "datetime", FrozenClock)
+    folders = [generate._make_out_dir(None, False) for _ in range(3)]
+    assert [p.name for p in folders] == ["20260102-030405", "20260102-030405-2", "20260102-030405-3"]
+    assert all(p.is_dir() for p in folders)

@@ -8,33 +8,26 @@ and exits with code 2. Heavy imports (torch, Lightning) happen inside the comman
 """
 from __future__ import annotations
 
-import json
+import math
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from diffgen.cli.common import (
+    check_split, check_writable, console, out_console, progress, set_threads, write_json,
+)
 from diffgen.errors import DiffgenError
 
 dynamics_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                            help="Equivariant dynamics prediction with the velocity-aware EGNN: N-body charged particles "
                                 "and alanine dipeptide MD (OpenMM).")
-console = Console(stderr=True)
-out_console = Console()
 
 DEFAULT_CONFIG = "nbody_egnn"  # packaged config (diffgen/configs)
 
 
-def _threads(n: Optional[int]) -> None:
-    if n is not None:
-        if n < 1:
-            raise DiffgenError(f"--threads must be >= 1, got {n}")
-        import torch
-
-        torch.set_num_threads(n)
 
 
 @dynamics_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -56,7 +49,7 @@ def train(
     overrides.append(f"data.dataset={dataset}")
     overrides += trainer_overrides(accelerator, devices, out_dir)
     cfg = load_dynamics_config(config, overrides)
-    _threads(threads)
+    set_threads(threads)
     from diffgen.tasks.dynamics.module import train_dynamics
 
     train_dynamics(cfg)
@@ -72,13 +65,13 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, help="Evaluate on this trajectory .npz instead (loc, vel [B, F, n, 3], "
                                         "charges [B, n]) with the checkpoint's frames."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the MSEs to this JSON file."),
+    overwrite: bool = typer.Option(False, help="Replace the --json file if it exists."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Position MSE on a split (or a trajectory file), beside identity/constant-velocity baselines and the EGNN table."""
-    if split not in ("test", "valid", "train"):
-        raise DiffgenError(f"unknown split {split!r}: choose test, valid or train")
-    if json_out is not None and json_out.exists():
-        raise DiffgenError(f"{json_out} already exists; refusing to overwrite it")
+    check_split(split)
+    if json_out is not None:
+        check_writable(json_out, overwrite, (".json",))
     if not checkpoint.is_file():
         raise DiffgenError(f"checkpoint not found: {checkpoint}")
     traj = None
@@ -86,7 +79,7 @@ def evaluate(
         from diffgen.data.nbody import load_trajectories
 
         traj = load_trajectories(data)  # validated before torch is imported
-    _threads(threads)
+    set_threads(threads)
     import numpy as np
     import torch
     from torch.utils.data import TensorDataset
@@ -109,6 +102,9 @@ def evaluate(
     start = time.perf_counter()
     mse = evaluate_pairs(model, ds)
     seconds = time.perf_counter() - start
+    if not all(math.isfinite(v) for v in mse.values()):
+        raise DiffgenError(f"non-finite MSE on {name} ({', '.join(f'{k} {v:g}' for k, v in mse.items())}): "
+                           "the inputs or the model's outputs hold NaN/inf")
     n = ds.tensors[0].shape[0]
     table = Table(title=f"{name}: {n} trajectories, frame {cfg.data.frame_in} -> {cfg.data.frame_out}, "
                         f"position MSE ({seconds:.1f} s)")
@@ -126,9 +122,8 @@ def evaluate(
             table.add_row(model, f"{value:.4f}", "Satorras et al. 2021, Table 2")
     out_console.print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps({"data": name, "n_trajectories": n, "checkpoint": str(checkpoint),
-                                        "frame_in": cfg.data.frame_in, "frame_out": cfg.data.frame_out,
-                                        "mse": mse}, indent=2))
+        write_json(json_out, {"data": name, "n_trajectories": n, "checkpoint": str(checkpoint),
+                              "frame_in": cfg.data.frame_in, "frame_out": cfg.data.frame_out, "mse": mse})
 
 
 @dynamics_app.command()
@@ -150,10 +145,7 @@ def simulate(
 
     settings = MDSettings(n_runs=runs, n_frames=frames, frame_ps=frame_ps, equil_ps=equil_ps, seed=seed)
     start = time.perf_counter()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+    with progress() as bar:
         task = bar.add_task(f"alanine dipeptide, {runs} runs", total=runs * frames)
         paths = simulate_all(settings, root, progress=lambda k: bar.advance(task, k))
     seconds = time.perf_counter() - start
@@ -186,19 +178,11 @@ def predict(
     shown as Na (+1) / Cl (-1). Alanine dipeptide: for every frame t of the run, the prediction of frame
     t + lag made from frame t (one-step predictions; comment lines give t and the frame's MSE).
     """
-    from diffgen.io import ensure_new
-
-    if split not in ("test", "valid", "train"):
-        raise DiffgenError(f"unknown split {split!r}: choose test, valid or train")
-    if out.suffix.lower() != ".xyz":
-        raise DiffgenError(f"--out must end in .xyz, got {out.name}")
-    if not out.parent.is_dir():
-        raise DiffgenError(f"cannot write {out}: directory {out.parent} does not exist")
-    if not overwrite:
-        ensure_new(out)
+    check_split(split)
+    check_writable(out, overwrite, (".xyz",))
     if not checkpoint.is_file():
         raise DiffgenError(f"checkpoint not found: {checkpoint}")
-    _threads(threads)
+    set_threads(threads)
     import torch
 
     from diffgen.tasks.dynamics.common import load_model, pairs_dataset

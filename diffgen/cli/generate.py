@@ -5,22 +5,22 @@ Thin: parses, calls the generation task, prints tables. User errors raise :class
 """
 from __future__ import annotations
 
-import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from diffgen.cli.common import (
+    check_device, check_positive, check_writable, console, out_console, progress, write_json,
+)
 from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.errors import DiffgenError
 
 generate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True)
-out_console = Console()
 
 _METRIC_ROWS = [
     ("atom_stability", "atom stability", True),
@@ -65,15 +65,73 @@ def _reference(novelty: Optional[bool]):
     return ref
 
 
-def _new_out_dir(out: Optional[Path]) -> Path:
+#: Upper limits checked before sampling: beyond them a run would take days or exhaust memory.
+MAX_STEPS = 100_000
+_BYTES_PER_MOLECULE = 4096  # a sampled molecule kept until written: tensors, RDKit/SDF records, metrics (generous)
+_EDGE_BYTES_PER_CHANNEL = 4 * 12  # fp32, ~12 live [E, hidden] tensors per EGNN layer on the full graph
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 8 GiB
+        return 8 << 30
+
+
+def check_sampling_budget(n: int, steps: int, batch_size: int, hidden: int = 256, max_atoms: int = 29) -> None:
+    """Refuse, before any work, a sampling run whose memory would exceed half of this machine's RAM.
+
+    The estimate: ``n`` finished molecules kept until they are written (4 KiB each) plus one batch's full-graph
+    edge tensors (``batch_size * max_atoms * (max_atoms - 1)`` edges x ``hidden`` channels x 48 bytes).
+
+    Raises:
+        DiffgenError: ``steps > MAX_STEPS`` or the estimate exceeds half of the physical memory.
+    """
+    if steps > MAX_STEPS:
+        raise DiffgenError(f"--steps {steps} is more than {MAX_STEPS:,} (EDM's sampler uses 1000)")
+    kept = n * _BYTES_PER_MOLECULE
+    batch = min(batch_size, n) * max_atoms * (max_atoms - 1) * hidden * _EDGE_BYTES_PER_CHANNEL
+    budget = _memory_bytes() // 2
+    if kept + batch > budget:
+        raise DiffgenError(f"--n {n} with --batch-size {batch_size} needs about {(kept + batch) / 2**30:.1f} GiB, more "
+                           f"than half of this machine's {2 * budget / 2**30:.0f} GiB: sample in several runs "
+                           "(different --seed) or with a smaller --batch-size")
+
+
+def _make_out_dir(out: Optional[Path], overwrite: bool) -> Path:
+    """Create the output folder before sampling; two runs never share one.
+
+    ``out`` None: a new ``diffgen_samples/<time>`` folder, made with an exclusive ``mkdir`` (``-2``, ``-3``, ... if
+    another run took the name first). ``out`` given: created if missing (its parent must exist); an existing one
+    may not hold samples or metrics unless ``overwrite``.
+
+    Raises:
+        DiffgenError: unusable ``out`` (a file, missing parent, not writable, or holding results without overwrite).
+    """
     if out is None:
-        out = Path("diffgen_samples") / datetime.now().strftime("%Y%m%d-%H%M%S")
-        k = 1
-        base = out
-        while out.exists():
-            k += 1
-            out = base.with_name(f"{base.name}-{k}")
+        base = Path("diffgen_samples") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        base.parent.mkdir(exist_ok=True)
+        for k in range(1, 10_000):
+            candidate = base if k == 1 else base.with_name(f"{base.name}-{k}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+        raise DiffgenError(f"cannot create a new output folder next to {base}")
+    if out.exists() and not out.is_dir():
+        raise DiffgenError(f"--out {out} is a file; give a folder")
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise DiffgenError(f"cannot create --out {out}: folder {out.parent} does not exist")
+        out.mkdir()
+    for name in OUTPUT_FILES:
+        check_writable(out / name, overwrite)
     return out
+
+
+#: Files ``diffgen sample`` writes into its output folder.
+OUTPUT_FILES = ("samples.sdf", "samples.xyz", "metrics.json")
 
 
 @generate_app.command()
@@ -86,44 +144,31 @@ def sample(
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same molecules."),
     batch_size: int = typer.Option(100, help="Molecules per network call."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: a new diffgen_samples/<time> folder)."),
-    overwrite: bool = typer.Option(False, help="Replace samples.sdf/samples.xyz if they exist in --out."),
+    overwrite: bool = typer.Option(False, help="Replace samples.sdf, samples.xyz and metrics.json if they exist in --out."),
     novelty: Optional[bool] = typer.Option(None, "--novelty/--no-novelty",
                                            help="Novelty vs QM9 train (default: only if its reference is cached)."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda or mps."),
 ):
     """Generate 3D molecules, write SDF + XYZ, and print their EDM quality metrics."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    from diffgen.tasks.generation.checkpoints import load_generator
-    from diffgen.eval.chem import GenerationMetrics
-    from diffgen.io import ensure_new, write_sdf, write_xyz
-    from diffgen.tasks.generation.build import sample_molecules
-
-    if n <= 0:
-        raise DiffgenError(f"--n must be a positive number of molecules, got {n}")
-    if steps <= 0:
-        raise DiffgenError(f"--steps must be positive, got {steps}")
-    if batch_size <= 0:
-        raise DiffgenError(f"--batch-size must be positive, got {batch_size}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DiffgenError(f"--device {device} requested but no CUDA GPU is available")
-    out_dir = _new_out_dir(out)
-    sdf_path, xyz_path = out_dir / "samples.sdf", out_dir / "samples.xyz"
-    if not overwrite:
-        for p in (sdf_path, xyz_path):
-            ensure_new(p)
     from diffgen.diffusion.samplers import get_sampler
+    from diffgen.eval.chem import GenerationMetrics
+    from diffgen.io import write_sdf, write_xyz
+    from diffgen.tasks.generation.build import sample_molecules
+    from diffgen.tasks.generation.checkpoints import load_generator
 
+    check_positive("--n", n)
+    check_positive("--steps", steps)
+    check_positive("--batch-size", batch_size)
+    check_device(device)
     get_sampler(sampler)  # validate the name before loading anything
     gen = load_generator(checkpoint, device=device)
+    check_sampling_budget(n, steps, batch_size, hidden=gen.config.model.hidden)
+    out_dir = _make_out_dir(out, overwrite)
+    sdf_path, xyz_path, json_path = (out_dir / name for name in OUTPUT_FILES)
     ref = _reference(novelty)
     n_calls = steps * ((n + batch_size - 1) // batch_size)
     start = time.perf_counter()
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+    with progress(transient=False) as bar:
         task = bar.add_task(f"sampling {n} molecules x {steps} steps", total=n_calls)
         molecules = sample_molecules(gen.diffusion, gen.node_dist, n, steps=steps, batch_size=batch_size, seed=seed,
                                      progress=lambda k: bar.advance(task, k), sampler=sampler)
@@ -131,12 +176,12 @@ def sample(
     metrics = GenerationMetrics(reference_smiles=ref)
     metrics.update(molecules)
     result = metrics.compute()
-    out_dir.mkdir(parents=True, exist_ok=True)
     props = [{"smiles": r.get("smiles"), "mol_stable": int(bool(r.get("mol_stable")))} for r in metrics.per_molecule()]
     write_sdf(sdf_path, molecules, props=props)
     write_xyz(xyz_path, molecules, comments=[f"diffgen sample {i} seed={seed}" for i in range(len(molecules))])
-    result.update(seconds=round(seconds, 2), sampler=sampler, steps=steps, seed=seed, checkpoint=str(gen.source))
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    result.update(seconds=round(seconds, 2), sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                  checkpoint=str(gen.source))
+    write_json(json_path, result)
     _print_metrics(result, f"{n} molecules, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device}")
     out_console.print(f"wrote {sdf_path} and {xyz_path}")
 
@@ -150,14 +195,16 @@ def evaluate(
     novelty: Optional[bool] = typer.Option(None, "--novelty/--no-novelty",
                                            help="Novelty vs QM9 train (default: only if its reference is cached)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+    overwrite: bool = typer.Option(False, help="Replace the --json file if it exists."),
 ):
     """EDM metrics (atom/mol stability, validity, uniqueness, novelty) of a file or of QM9 itself."""
     from diffgen.eval.chem import GenerationMetrics
 
     if (file is None) == (dataset is None):
         raise DiffgenError("give either a FILE or --dataset qm9")
-    if limit is not None and limit <= 0:
-        raise DiffgenError(f"--limit must be positive, got {limit}")
+    check_positive("--limit", limit)
+    if json_out is not None:
+        check_writable(json_out, overwrite, (".json",))
     if dataset is not None:
         if dataset.lower() != "qm9":
             raise DiffgenError(f"unknown dataset {dataset!r}: only qm9 is available")
@@ -182,7 +229,7 @@ def evaluate(
     result = metrics.compute()
     _print_metrics(result, title)
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2))
+        write_json(json_out, result)
 
 
 @generate_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -209,7 +256,7 @@ def train(
 def export(
     checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen train`."),
     out: Path = typer.Argument(..., help="Output .safetensors (EMA weights; config YAML written beside it)."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(False, help="Replace OUT and the YAML beside it if they exist."),
     bf16: bool = typer.Option(False, help="Store bf16 instead of fp16."),
 ):
     """Export the EMA weights of a training checkpoint to a small safetensors file."""
@@ -217,8 +264,8 @@ def export(
 
     from diffgen.tasks.generation.checkpoints import export_generator
 
-    if out.suffix != ".safetensors":
-        raise DiffgenError("OUT must end in .safetensors")
+    check_writable(out, overwrite, (".safetensors",))
+    check_writable(out.with_suffix(".yaml"), overwrite)
     path = export_generator(checkpoint, out, dtype=torch.bfloat16 if bf16 else torch.float16, overwrite=overwrite)
     out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
@@ -233,12 +280,11 @@ def draw(
 ):
     """PNG grid of 2D depictions (heavy atoms, bonds inferred as in evaluation; invalid ones marked)."""
     from diffgen.eval.draw import draw_grid
-    from diffgen.io import ensure_new, read_molecules
+    from diffgen.io import read_molecules
 
-    if n <= 0 or per_row <= 0:
-        raise DiffgenError("--n and --per-row must be positive")
-    if not overwrite:
-        ensure_new(out)
+    check_positive("--n", n)
+    check_positive("--per-row", per_row)
+    check_writable(out, overwrite, (".png",))
     molecules = read_molecules(file)[:n]
     draw_grid(molecules, out, per_row=per_row)
     out_console.print(f"wrote {out} ({len(molecules)} molecules)")

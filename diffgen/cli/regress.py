@@ -7,38 +7,28 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from diffgen.cli.common import (
+    check_device, check_positive, check_split, check_writable, console, out_console, progress, set_threads, write_json,
+)
 from diffgen.errors import DiffgenError
 
 regress_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                           help="QM9 property regression with the invariant EGNN (Satorras et al. 2021).")
-console = Console(stderr=True)
-out_console = Console()
 
 DEFAULT_CONFIG = "qm9_regress"  # packaged config (diffgen/configs)
 
 
-def _threads(n: Optional[int]) -> None:
-    if n is not None:
-        if n < 1:
-            raise DiffgenError(f"--threads must be >= 1, got {n}")
-        import torch
-
-        torch.set_num_threads(n)
 
 
-def _positive(name: str, value: Optional[int]) -> None:
-    if value is not None and value <= 0:
-        raise DiffgenError(f"{name} must be positive, got {value}")
 
 
 @regress_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -67,20 +57,13 @@ def train(
         overrides.append(f"data.subset={subset}")
     overrides += trainer_overrides(accelerator, devices, out_dir)
     cfg = load_regression_config(config, overrides)
-    _threads(threads)
+    set_threads(threads)
     from diffgen.tasks.regression.module import train_regression
 
     train_regression(cfg)
     console.print(f"checkpoints in {Path(cfg.trainer.out_dir) / 'checkpoints'}; "
                   f"test MAE: diffgen regress evaluate --checkpoint {Path(cfg.trainer.out_dir) / 'checkpoints' / 'best.ckpt'}",
                   markup=False, highlight=False)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
 
 
 @regress_app.command()
@@ -90,17 +73,18 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, help="Only the first LIMIT molecules of the split."),
     batch_size: int = typer.Option(256, help="Molecules per forward pass."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the MAEs to this JSON file."),
+    overwrite: bool = typer.Option(False, help="Replace the --json file if it exists."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
 ):
     """MAE per target on a QM9 split (standard split), in the units of the EGNN table, beside published models."""
-    _positive("--limit", limit)
-    _positive("--batch-size", batch_size)
-    if split not in ("test", "valid", "train"):
-        raise DiffgenError(f"unknown split {split!r}: choose test, valid or train")
-    if json_out is not None and json_out.exists():
-        raise DiffgenError(f"{json_out} already exists; refusing to overwrite it")
-    _threads(threads)
+    check_positive("--limit", limit)
+    check_positive("--batch-size", batch_size)
+    check_device(device)
+    check_split(split)
+    if json_out is not None:
+        check_writable(json_out, overwrite, (".json",))
+    set_threads(threads)
     from diffgen.data.qm9 import QM9
     from diffgen.tasks.regression.checkpoints import load_regressor
     from diffgen.tasks.regression.module import evaluate_dataset
@@ -111,7 +95,7 @@ def evaluate(
     if limit is not None:
         ds = ds[: min(limit, len(ds))]
     start = time.perf_counter()
-    with _progress() as bar:
+    with progress() as bar:
         task = bar.add_task(f"QM9 {split}", total=len(ds))
         mae = evaluate_dataset(model, ds, batch_size=batch_size, progress=lambda k: bar.advance(task, k))
     seconds = time.perf_counter() - start
@@ -123,8 +107,30 @@ def evaluate(
     out_console.print(table)
     if json_out is not None:
         src = str(checkpoint) if checkpoint is not None else "shipped"
-        json_out.write_text(json.dumps({"split": split, "n_molecules": len(ds), "checkpoint": src,
-                                        "mae": mae, "units": dict(zip(model.targets, model.units))}, indent=2))
+        write_json(json_out, {"split": split, "n_molecules": len(ds), "checkpoint": src,
+                                        "mae": mae, "units": dict(zip(model.targets, model.units))})
+
+
+#: QM9's domain: at most 29 atoms, of which at most 9 heavy (C, N, O, F); interatomic distances of a few Å.
+QM9_MAX_ATOMS, QM9_MAX_HEAVY, MAX_ABS_COORD = 29, 9, 1.0e3
+
+
+def _check_domain(molecules, file: Path) -> None:
+    """Refuse coordinates that cannot be a molecule (non-finite or beyond 1000 Å); warn, on one stderr line, about
+    molecules outside QM9's size range, for which the predictions are extrapolations."""
+    import numpy as np
+
+    for k, (z, pos) in enumerate(molecules, start=1):
+        pos = np.asarray(pos, dtype=np.float64)
+        if not np.isfinite(pos).all() or np.abs(pos).max(initial=0.0) > MAX_ABS_COORD:
+            raise DiffgenError(f"molecule {k} of {file} has coordinates that are not finite or beyond "
+                               f"{MAX_ABS_COORD:g} Å")
+    big = [k for k, (z, _) in enumerate(molecules, start=1)
+           if len(z) > QM9_MAX_ATOMS or int((np.asarray(z) > 1).sum()) > QM9_MAX_HEAVY]
+    if big:
+        console.print(f"warning: {len(big)} molecule(s) (first: molecule {big[0]}) are larger than QM9's "
+                      f"({QM9_MAX_ATOMS} atoms, {QM9_MAX_HEAVY} heavy): their predictions are out of domain",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 @regress_app.command()
@@ -138,19 +144,25 @@ def predict(
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
 ):
     """Predict properties: a CSV with one row per molecule, units in the column names (e.g. gap_meV)."""
-    from diffgen.io import ensure_new, read_molecules
+    from diffgen.io import read_molecules
 
-    _positive("--batch-size", batch_size)
-    if out is not None and not overwrite:
-        ensure_new(out)
+    check_positive("--batch-size", batch_size)
+    check_device(device)
+    if out is not None:
+        check_writable(out, overwrite)
     molecules = read_molecules(file)  # validates the file before the model is loaded
-    _threads(threads)
+    _check_domain(molecules, file)
+    set_threads(threads)
     from diffgen.tasks.regression.checkpoints import load_regressor
     from diffgen.tasks.regression.module import predict as run_predict
     from diffgen.tasks.regression.targets import column_name
 
     model = load_regressor(checkpoint, device=device)
     values = run_predict(model, molecules, batch_size=batch_size)
+    bad = [k for k, row in enumerate(values, start=1) if not all(map(math.isfinite, row))]
+    if bad:
+        raise DiffgenError(f"non-finite prediction for {len(bad)} molecule(s) of {file} (first: molecule {bad[0]}); "
+                           "check their coordinates")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["molecule", "n_atoms", *(column_name(t) for t in model.targets)])
@@ -159,8 +171,6 @@ def predict(
     if out is None:
         sys.stdout.write(buf.getvalue())
         return
-    if not out.parent.is_dir():
-        raise DiffgenError(f"cannot write {out}: directory {out.parent} does not exist")
     out.write_text(buf.getvalue())
     console.print(f"wrote {len(molecules)} predictions to {out}", markup=False, highlight=False)
 

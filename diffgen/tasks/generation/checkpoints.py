@@ -94,8 +94,9 @@ def export_generator(ckpt_path: str | Path, out_path: str | Path, dtype: torch.d
     import yaml
 
     out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise DiffgenError(f"{out_path} exists; pass overwrite to replace it")
+    for p in (out_path, out_path.with_suffix(".yaml")):
+        if p.exists() and not overwrite:
+            raise DiffgenError(f"{p} exists; pass --overwrite to replace it")
     cfg_dict, hist, state = _read_lightning(Path(ckpt_path))
     config_from_dict(cfg_dict)  # validate
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,108 @@
+"""Helpers shared by the CLI commands: threads, devices, progress bars, splits, output guards, JSON.
+
+Every check here runs **before** long work starts and raises :class:`~diffgen.errors.DiffgenError` with one line;
+:func:`diffgen.cli.main` prints it as ``error: ...`` and exits with code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from diffgen.errors import DiffgenError
+
+console = Console(stderr=True)
+out_console = Console()
+
+SPLITS = ("test", "valid", "train")
+
+
+def set_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` if ``n`` is given.
+
+    Raises:
+        DiffgenError: ``n < 1``.
+    """
+    if n is not None:
+        if n < 1:
+            raise DiffgenError(f"--threads must be >= 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def check_positive(name: str, value: int | None) -> None:
+    """Raises DiffgenError if ``value`` is given and not positive (``name`` is the option, e.g. ``--n``)."""
+    if value is not None and value <= 0:
+        raise DiffgenError(f"{name} must be positive, got {value}")
+
+
+def check_split(split: str) -> None:
+    """Raises DiffgenError unless ``split`` is one of test, valid, train."""
+    if split not in SPLITS:
+        raise DiffgenError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
+
+
+def check_device(device: str) -> str:
+    """A torch device string that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+
+    Raises:
+        DiffgenError: unknown device name, or a device this machine does not have.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DiffgenError(f"unknown --device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffgenError(f"--device {device} requested but no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DiffgenError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return device
+    if dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DiffgenError(f"--device {device} requested but MPS is not available on this machine")
+        return device
+    raise DiffgenError(f"unsupported --device {device!r}: use cpu, cuda, cuda:N or mps")
+
+
+def check_writable(path: Path, overwrite: bool = False, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Check, before any work, that ``path`` can be written: its folder exists, it is not a folder, it does not
+    exist unless ``overwrite``, and its suffix is one of ``suffixes`` (if given).
+
+    Raises:
+        DiffgenError: any of the above fails.
+    """
+    path = Path(path)
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise DiffgenError(f"{path} must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise DiffgenError(f"{path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise DiffgenError(f"cannot write {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise DiffgenError(f"cannot write {path}: folder {path.parent} is not writable")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise DiffgenError(f"{path} already exists; pass --overwrite to replace it")
+    return path
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def progress(transient: bool = True):
+    """The rich progress bar every long command shows (description, bar, done/total, elapsed, remaining)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)

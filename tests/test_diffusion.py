@@ -161,7 +161,7 @@ def _double_denoiser(graph="full", cutoff=None, k=None, seed=0):
     torch.manual_seed(seed)
     backbone = EGNN(N_FEATURES + 1, hidden=24, out_dim=N_FEATURES, n_layers=2).double()
     for layer in backbone.layers:  # make the coordinate output large enough to test
-        nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
+        nn.init.normal_(layer.update.coord_mlp[-1].weight, std=0.5)
     return Denoiser(backbone, graph=graph, cutoff=cutoff, k=k).eval()
 
 

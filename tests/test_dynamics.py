@@ -89,12 +89,12 @@ def _model(seed=0, **kw):
     torch.manual_seed(seed)
     model = VelocityEGNNDynamics(hidden=16, n_layers=2, **kw).double()
     for layer in model.backbone.layers:  # make every update large enough to matter in the checks
-        torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
+        torch.nn.init.normal_(layer.update.coord_mlp[-1].weight, std=0.5)
         if layer.velocity:
-            torch.nn.init.normal_(layer.vel_mlp[-1].weight, std=0.5)
+            torch.nn.init.normal_(layer.update.vel_mlp[-1].weight, std=0.5)
         if layer.vector_channels:  # vector updates and channel mixing away from their near-identity start
-            torch.nn.init.normal_(layer.vec_edge.weight, std=0.5)
-            torch.nn.init.normal_(layer.vec_mix.weight, std=0.5)
+            torch.nn.init.normal_(layer.update.vec_edge.weight, std=0.5)
+            torch.nn.init.normal_(layer.update.vec_mix.weight, std=0.5)
     return model.eval()
 
 

@@ -35,9 +35,9 @@ def _pooled(k=3, seed=0, **kw):
     model = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=k, pool_layers=2, **kw).double()
     for net in _egnns(model):  # make every coordinate update large enough to matter in the checks
         for layer in net.layers:
-            torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
+            torch.nn.init.normal_(layer.update.coord_mlp[-1].weight, std=0.5)
             if layer.velocity:
-                torch.nn.init.normal_(layer.vel_mlp[-1].weight, std=0.5)
+                torch.nn.init.normal_(layer.update.vel_mlp[-1].weight, std=0.5)
     return model.eval()
 
 

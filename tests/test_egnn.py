@@ -28,7 +28,7 @@ def make_model(in_dim=5, edge_dim=0, invariant=False, seed=0, **kw) -> EGNN:
     # the last coordinate layer starts ~0 (gain 1e-3); make the position update large so equivariance is tested
     for layer in model.layers:
         if layer.update_pos:
-            torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
+            torch.nn.init.normal_(layer.update.coord_mlp[-1].weight, std=0.5)
     return model.eval()
 
 

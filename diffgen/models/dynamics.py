@@ -75,7 +75,7 @@ class VelocityEGNNDynamics(nn.Module):
             # start at x + vel_init * v: each of the n_layers velocity scales begins at ~vel_init / n_layers
             # instead of a random value
             for layer in self.backbone.layers:
-                last = layer.vel_mlp[-1]
+                last = layer.update.vel_mlp[-1]
                 with torch.no_grad():  # channel 0 holds the input velocity; other channels start unused
                     last.weight.mul_(0.01)
                     last.bias.zero_()

@@ -46,8 +46,8 @@ def test_pooled_predictions_are_e3_and_permutation_equivariant(k):
     model = _pooled(k)
     pos, vel, q, types = _inputs()
     with torch.no_grad():
-        out = model(pos, vel, q, types)
-        reg = model.last_reg
+        out, reg = model(pos, vel, q, types, return_reg=True)
+        assert reg.dim() == 0 and torch.equal(model(pos, vel, q, types), out)  # return_reg changes only the return
         assert out.shape == pos.shape and (out - pos).norm(dim=-1).mean() > 0.05
         # the hierarchy matters: switching off the cluster displacement changes the prediction
         _, x = model.backbone(*_flat_args(model, pos, vel, q, types))
@@ -55,13 +55,13 @@ def test_pooled_predictions_are_e3_and_permutation_equivariant(k):
         t = torch.tensor([0.3, -2.0, 1.1], dtype=torch.float64)
         for det, seed in ((1, 4), (-1, 5)):
             rot = random_orthogonal(det, seed)
-            out2 = model(pos @ rot.T + t, vel @ rot.T, q, types)
+            out2, reg2 = model(pos @ rot.T + t, vel @ rot.T, q, types, return_reg=True)
             torch.testing.assert_close(out2, out @ rot.T + t, atol=1e-9, rtol=1e-9)
-            torch.testing.assert_close(model.last_reg, reg, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(reg2, reg, atol=1e-12, rtol=1e-12)
         perm = torch.tensor([3, 0, 5, 4, 1, 2])
-        out_p = model(pos[:, perm], vel[:, perm], q[:, perm], types[:, perm])
+        out_p, reg_p = model(pos[:, perm], vel[:, perm], q[:, perm], types[:, perm], return_reg=True)
         torch.testing.assert_close(out_p, out[:, perm], atol=1e-9, rtol=1e-9)
-        torch.testing.assert_close(model.last_reg, reg, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(reg_p, reg, atol=1e-12, rtol=1e-12)
 
 
 def test_float32_pooled_model_is_equivariant_to_1e4():
@@ -127,8 +127,8 @@ def test_pool_clusters_zero_is_exactly_the_flat_model():
     plain = VelocityEGNNDynamics(hidden=16, n_layers=2, pool_clusters=0)
     assert sum(p.numel() for p in plain.parameters()) == 5651 and len(plain.state_dict()) == 46
     assert not any(k.startswith(("pool.", "refine.")) for k in flat.state_dict())
-    out = flat(pos, vel, q, types)
-    assert flat.last_reg is None
+    out, reg = flat(pos, vel, q, types, return_reg=True)
+    assert reg is None
     assert torch.equal(out, flat.backbone(*_flat_args(flat, pos, vel, q, types))[1].reshape(out.shape))
     assert torch.equal(out, old(pos, vel, q, types))
 
@@ -136,8 +136,7 @@ def test_pool_clusters_zero_is_exactly_the_flat_model():
 def test_regulariser_is_finite_bounded_and_has_gradient():
     model = _pooled(3).train()
     pos, vel, q, types = _inputs()
-    model(pos, vel, q, types)
-    reg = model.last_reg
+    _, reg = model(pos, vel, q, types, return_reg=True)
     assert reg.dim() == 0 and torch.isfinite(reg) and 0.0 <= reg.item() <= 2.0
     reg.backward()
     grads = [p.grad for p in model.pool.assign.parameters()]
@@ -173,8 +172,9 @@ def test_tiny_pooled_model_overfits_a_tiny_batch():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(100):
-        mse = torch.nn.functional.mse_loss(model(pos, vel, q, types), target)
-        loss = mse + 0.01 * model.last_reg
+        pred, reg = model(pos, vel, q, types, return_reg=True)
+        mse = torch.nn.functional.mse_loss(pred, target)
+        loss = mse + 0.01 * reg
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -224,7 +224,7 @@ def test_task_adds_weighted_regulariser_and_old_checkpoints_load(tmp_path):
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": {"config": old_cfg}, "state_dict": state}, tmp_path / "old.ckpt")
     loaded, loaded_cfg = load_model(tmp_path / "old.ckpt")
-    assert loaded_cfg.model.pool_clusters == 0 and loaded.last_reg is None
+    assert loaded_cfg.model.pool_clusters == 0 and loaded(*batch[:3], return_reg=True)[1] is None
     assert isinstance(loaded.backbone, EGNN) and not hasattr(loaded, "pool")
 
 

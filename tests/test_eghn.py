@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_egnn import random_orthogonal
+from equivariance import assert_e3_equivariant
 
 from diffgen.tasks.dynamics.config import dynamics_config_from_dict
 from diffgen.errors import DiffgenError
@@ -41,39 +41,33 @@ def _pooled(k=3, seed=0, **kw):
     return model.eval()
 
 
+def _model_inputs(pos, vel, q, types):
+    return [("pos", pos), ("vec", vel), ("scalar", q), ("scalar", types)]
+
+
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_pooled_predictions_are_e3_and_permutation_equivariant(k):
+    """Prediction equivariant, regulariser invariant (rotation and reflection, translation, atom permutation)."""
     model = _pooled(k)
     pos, vel, q, types = _inputs()
     with torch.no_grad():
-        out, reg = model(pos, vel, q, types, return_reg=True)
+        out, reg = assert_e3_equivariant(lambda *a: model(*a, return_reg=True), _model_inputs(pos, vel, q, types),
+                                         ["pos", "global"], node_dim=1)
         assert reg.dim() == 0 and torch.equal(model(pos, vel, q, types), out)  # return_reg changes only the return
         assert out.shape == pos.shape and (out - pos).norm(dim=-1).mean() > 0.05
         # the hierarchy matters: switching off the cluster displacement changes the prediction
         _, x = model.backbone(*_flat_args(model, pos, vel, q, types))
         assert not torch.allclose(out.reshape(-1, 3), x)
-        t = torch.tensor([0.3, -2.0, 1.1], dtype=torch.float64)
-        for det, seed in ((1, 4), (-1, 5)):
-            rot = random_orthogonal(det, seed)
-            out2, reg2 = model(pos @ rot.T + t, vel @ rot.T, q, types, return_reg=True)
-            torch.testing.assert_close(out2, out @ rot.T + t, atol=1e-9, rtol=1e-9)
-            torch.testing.assert_close(reg2, reg, atol=1e-12, rtol=1e-12)
-        perm = torch.tensor([3, 0, 5, 4, 1, 2])
-        out_p, reg_p = model(pos[:, perm], vel[:, perm], q[:, perm], types[:, perm], return_reg=True)
-        torch.testing.assert_close(out_p, out[:, perm], atol=1e-9, rtol=1e-9)
-        torch.testing.assert_close(reg_p, reg, atol=1e-12, rtol=1e-12)
 
 
 def test_float32_pooled_model_is_equivariant_to_1e4():
     torch.manual_seed(0)  # default initialisation: moves atoms by a few units, as at the start of training
     model = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=4).eval()
     pos, vel, q, types = (a.float() if a.is_floating_point() else a for a in _inputs(b=2, n=22, seed=3))
-    rot, t = random_orthogonal(-1, 7).float(), torch.tensor([5.0, -3.0, 2.0])
     with torch.no_grad():
-        out = model(pos, vel, q, types)
+        out = assert_e3_equivariant(model, _model_inputs(pos, vel, q, types), ["pos"], node_dim=1, seed=7,
+                                    atol=1e-4, rtol=1e-4)[0]
         assert (out - pos).norm(dim=-1).mean() > 0.05
-        torch.testing.assert_close(model(pos @ rot.T + t, vel @ rot.T, q, types), out @ rot.T + t,
-                                   atol=1e-4, rtol=1e-4)
 
 
 def _flat_args(model, pos, vel, q, types):
@@ -95,24 +89,20 @@ def test_assignments_sum_to_one_and_pooled_positions_are_equivariant():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
     pos = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
-    t = torch.tensor([10.0, -4.0, 7.0], dtype=torch.float64)
-    rot = random_orthogonal(1, 2)
+    # E-Pool: assignments and features per atom, masses, cluster centres (not atom-indexed: they rotate and
+    # translate but are not permuted) and cluster features; E-UnPool: atom features and positions, regulariser
+    pool_kinds = ["scalar", "global", "global_pos", "global", "scalar"]
     with torch.no_grad():
-        log_s, mass, z, hk, _ = pool.pool(h, pos)
+        log_s, mass, z, hk, _ = assert_e3_equivariant(pool.pool, [("scalar", h), ("pos", pos)], pool_kinds, node_dim=1)
         torch.testing.assert_close(log_s.exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
         torch.testing.assert_close(mass.sum(-1), torch.full((2,), 5.0, dtype=torch.float64))
         assert z.shape == (2, 3, 3) and hk.shape == (2, 3, 8)
-        _, _, z_t, hk_t, _ = pool.pool(h, pos + t)
-        torch.testing.assert_close(z_t, z + t)
-        torch.testing.assert_close(hk_t, hk)
-        torch.testing.assert_close(pool.pool(h, pos @ rot.T)[2], z @ rot.T)
+        assert_e3_equivariant(pool, [("scalar", h), ("pos", pos)], ["scalar", "pos", "global"], node_dim=1)
         # an (almost) empty cluster keeps exact translation equivariance (centred weighted mean)
         pool.assign[-1].bias.copy_(torch.tensor([0.0, 0.0, -80.0], dtype=torch.float64))
-        _, mass, z, _, _ = pool.pool(h, pos)
+        mass = assert_e3_equivariant(pool.pool, [("scalar", h), ("pos", pos)], pool_kinds, node_dim=1, seed=1)[1]
         assert float(mass[:, 2].max()) < 1e-30
-        torch.testing.assert_close(pool.pool(h, pos + t)[2], z + t)
-        _, pos_out, reg = pool(h, pos)
-        assert torch.isfinite(pos_out).all() and torch.isfinite(reg)
+        assert_e3_equivariant(pool, [("scalar", h), ("pos", pos)], ["scalar", "pos", "global"], node_dim=1, seed=1)
 
 
 def test_pool_clusters_zero_is_exactly_the_flat_model():

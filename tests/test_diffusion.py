@@ -420,8 +420,8 @@ def test_parameterizations_give_equivariant_eps(param):
     pos = remove_mean(pos, batch)
     h = torch.randn(12, 6, dtype=F64)
     t = torch.tensor([0.3, 0.8], dtype=F64)
-    e_pos, e_h = assert_e3_equivariant(diff.predict_eps, [("pos", pos), ("scalar", h), ("global", t), ("scalar", batch)],
-                                       ["vec", "scalar"], batch=batch, translate=False)
+    inputs = [("pos", pos), ("scalar", h), ("global", t), ("scalar", batch)]
+    e_pos, e_h = assert_e3_equivariant(diff.predict_eps, inputs, ["vec", "scalar"], batch=batch, translate=False)
     assert e_pos.abs().mean() > 0.05
     assert _com(e_pos, batch).abs().max() < 1e-12
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_egnn import random_orthogonal
+from equivariance import assert_e3_equivariant
 
 from diffgen.tasks.dynamics.config import dynamics_config_from_dict
 from diffgen.errors import DiffgenError
@@ -35,45 +35,39 @@ def _pooled(k=3, seed=0, **kw):
     model = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=k, pool_layers=2, **kw).double()
     for net in _egnns(model):  # make every coordinate update large enough to matter in the checks
         for layer in net.layers:
-            torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
+            torch.nn.init.normal_(layer.update.coord_mlp[-1].weight, std=0.5)
             if layer.velocity:
-                torch.nn.init.normal_(layer.vel_mlp[-1].weight, std=0.5)
+                torch.nn.init.normal_(layer.update.vel_mlp[-1].weight, std=0.5)
     return model.eval()
+
+
+def _model_inputs(pos, vel, q, types):
+    return [("pos", pos), ("vec", vel), ("scalar", q), ("scalar", types)]
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_pooled_predictions_are_e3_and_permutation_equivariant(k):
+    """Prediction equivariant, regulariser invariant (rotation and reflection, translation, atom permutation)."""
     model = _pooled(k)
     pos, vel, q, types = _inputs()
     with torch.no_grad():
-        out = model(pos, vel, q, types)
-        reg = model.last_reg
+        out, reg = assert_e3_equivariant(lambda *a: model(*a, return_reg=True), _model_inputs(pos, vel, q, types),
+                                         ["pos", "global"], node_dim=1)
+        assert reg.dim() == 0 and torch.equal(model(pos, vel, q, types), out)  # return_reg changes only the return
         assert out.shape == pos.shape and (out - pos).norm(dim=-1).mean() > 0.05
         # the hierarchy matters: switching off the cluster displacement changes the prediction
         _, x = model.backbone(*_flat_args(model, pos, vel, q, types))
         assert not torch.allclose(out.reshape(-1, 3), x)
-        t = torch.tensor([0.3, -2.0, 1.1], dtype=torch.float64)
-        for det, seed in ((1, 4), (-1, 5)):
-            rot = random_orthogonal(det, seed)
-            out2 = model(pos @ rot.T + t, vel @ rot.T, q, types)
-            torch.testing.assert_close(out2, out @ rot.T + t, atol=1e-9, rtol=1e-9)
-            torch.testing.assert_close(model.last_reg, reg, atol=1e-12, rtol=1e-12)
-        perm = torch.tensor([3, 0, 5, 4, 1, 2])
-        out_p = model(pos[:, perm], vel[:, perm], q[:, perm], types[:, perm])
-        torch.testing.assert_close(out_p, out[:, perm], atol=1e-9, rtol=1e-9)
-        torch.testing.assert_close(model.last_reg, reg, atol=1e-12, rtol=1e-12)
 
 
 def test_float32_pooled_model_is_equivariant_to_1e4():
     torch.manual_seed(0)  # default initialisation: moves atoms by a few units, as at the start of training
     model = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=4).eval()
     pos, vel, q, types = (a.float() if a.is_floating_point() else a for a in _inputs(b=2, n=22, seed=3))
-    rot, t = random_orthogonal(-1, 7).float(), torch.tensor([5.0, -3.0, 2.0])
     with torch.no_grad():
-        out = model(pos, vel, q, types)
+        out = assert_e3_equivariant(model, _model_inputs(pos, vel, q, types), ["pos"], node_dim=1, seed=7,
+                                    atol=1e-4, rtol=1e-4)[0]
         assert (out - pos).norm(dim=-1).mean() > 0.05
-        torch.testing.assert_close(model(pos @ rot.T + t, vel @ rot.T, q, types), out @ rot.T + t,
-                                   atol=1e-4, rtol=1e-4)
 
 
 def _flat_args(model, pos, vel, q, types):
@@ -95,49 +89,80 @@ def test_assignments_sum_to_one_and_pooled_positions_are_equivariant():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
     pos = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
-    t = torch.tensor([10.0, -4.0, 7.0], dtype=torch.float64)
-    rot = random_orthogonal(1, 2)
+    # E-Pool: assignments and features per atom, masses, cluster centres (not atom-indexed: they rotate and
+    # translate but are not permuted) and cluster features; E-UnPool: atom features and positions, regulariser
+    pool_kinds = ["scalar", "global", "global_pos", "global", "scalar"]
     with torch.no_grad():
-        log_s, mass, z, hk, _ = pool.pool(h, pos)
+        log_s, mass, z, hk, _ = assert_e3_equivariant(pool.pool, [("scalar", h), ("pos", pos)], pool_kinds, node_dim=1)
         torch.testing.assert_close(log_s.exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
         torch.testing.assert_close(mass.sum(-1), torch.full((2,), 5.0, dtype=torch.float64))
         assert z.shape == (2, 3, 3) and hk.shape == (2, 3, 8)
-        _, _, z_t, hk_t, _ = pool.pool(h, pos + t)
-        torch.testing.assert_close(z_t, z + t)
-        torch.testing.assert_close(hk_t, hk)
-        torch.testing.assert_close(pool.pool(h, pos @ rot.T)[2], z @ rot.T)
+        assert_e3_equivariant(pool, [("scalar", h), ("pos", pos)], ["scalar", "pos", "global"], node_dim=1)
         # an (almost) empty cluster keeps exact translation equivariance (centred weighted mean)
         pool.assign[-1].bias.copy_(torch.tensor([0.0, 0.0, -80.0], dtype=torch.float64))
-        _, mass, z, _, _ = pool.pool(h, pos)
+        mass = assert_e3_equivariant(pool.pool, [("scalar", h), ("pos", pos)], pool_kinds, node_dim=1, seed=1)[1]
         assert float(mass[:, 2].max()) < 1e-30
-        torch.testing.assert_close(pool.pool(h, pos + t)[2], z + t)
-        _, pos_out, reg = pool(h, pos)
-        assert torch.isfinite(pos_out).all() and torch.isfinite(reg)
+        assert_e3_equivariant(pool, [("scalar", h), ("pos", pos)], ["scalar", "pos", "global"], node_dim=1, seed=1)
+
+
+def _eq7_reference(model, pos, vel, q, types):
+    """EGNN's N-body model (Satorras et al. 2021, eqs. 3-7; EDM's bounded coordinate update) written densely per
+    system from the equations, independently of the sparse implementation, with ``model``'s weights read by name:
+    node features ``[|v_i|, one-hot(type_i)]``, edge features ``[|x_i - x_j|^2, |x_i^0 - x_j^0|^2, q_i q_j]``,
+    no attention, sums over ``j != i`` divided by ``Z``; the prediction is the final ``x``."""
+    lin, silu = torch.nn.functional.linear, torch.nn.functional.silu
+    net = model.backbone
+    preds = []
+    for x, v, qs, ts in zip(pos, vel, q, types):
+        n = x.shape[0]
+        off = (1 - torch.eye(n, dtype=x.dtype))[..., None]  # j != i
+        h = lin(torch.cat([v.norm(dim=-1, keepdim=True), torch.nn.functional.one_hot(ts, model.n_types).to(x.dtype)],
+                          -1), net.embed_in.weight, net.embed_in.bias)
+        d0 = (x[:, None] - x[None]).pow(2).sum(-1, keepdim=True)
+        for layer in net.layers:
+            msg, upd = layer.message, layer.update
+            z, r = msg.norm_factor, upd.coords_range
+            diff = x[:, None] - x[None]  # [n, n, 3]: x_i - x_j
+            e = torch.cat([diff.pow(2).sum(-1, keepdim=True), d0, (qs[:, None] * qs[None])[..., None]], -1)
+
+            def linear_of_pair(pair):  # Linear([h_i, h_j, e_ij]): one weight matrix acting on the concatenation
+                w = torch.cat([pair.src.weight, pair.dst.weight, pair.edge.weight], dim=1)
+                return lin(torch.cat([h[:, None].expand(n, n, -1), h[None].expand(n, n, -1), e], -1), w, pair.src.bias)
+
+            m = silu(lin(silu(linear_of_pair(msg.edge_in)), msg.edge_mlp[1].weight, msg.edge_mlp[1].bias))  # eq. 3
+            agg = (m * off).sum(1) / z  # eq. 5
+            h = h + lin(silu(lin(torch.cat([h, agg], -1), msg.node_mlp[0].weight, msg.node_mlp[0].bias)),
+                        msg.node_mlp[2].weight, msg.node_mlp[2].bias)  # eq. 6
+            phi_x = lin(silu(lin(silu(linear_of_pair(upd.coord_in)), upd.coord_mlp[1].weight, upd.coord_mlp[1].bias)),
+                        upd.coord_mlp[3].weight)
+            x = x + (diff / (diff.norm(dim=-1, keepdim=True) + 1) * torch.tanh(phi_x) * r * off).sum(1) / z  # eq. 4
+            x = x + lin(silu(lin(h, upd.vel_mlp[0].weight, upd.vel_mlp[0].bias)), upd.vel_mlp[2].weight,
+                        upd.vel_mlp[2].bias) * v  # eq. 7
+        preds.append(x)
+    return torch.stack(preds)
 
 
 def test_pool_clusters_zero_is_exactly_the_flat_model():
-    pos, vel, q, types = (a.float() if a.is_floating_point() else a for a in _inputs(n=7))
+    """K = 0 adds nothing to the backbone and predicts exactly EGNN's eq. 7 model (dense reference above)."""
+    pos, vel, q, types = _inputs(n=7)
     torch.manual_seed(0)
-    old = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3)
-    torch.manual_seed(0)
-    flat = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=0)
-    assert list(flat.state_dict()) == list(old.state_dict())
-    assert all(torch.equal(a, old.state_dict()[k]) for k, a in flat.state_dict().items())
-    # parameter count of the pre-EGHN model (hidden=16, n_layers=2, no types: 5,651 in 46 tensors)
-    plain = VelocityEGNNDynamics(hidden=16, n_layers=2, pool_clusters=0)
-    assert sum(p.numel() for p in plain.parameters()) == 5651 and len(plain.state_dict()) == 46
-    assert not any(k.startswith(("pool.", "refine.")) for k in flat.state_dict())
-    out = flat(pos, vel, q, types)
-    assert flat.last_reg is None
-    assert torch.equal(out, flat.backbone(*_flat_args(flat, pos, vel, q, types))[1].reshape(out.shape))
-    assert torch.equal(out, old(pos, vel, q, types))
+    flat = VelocityEGNNDynamics(hidden=16, n_layers=2, n_types=3, pool_clusters=0, norm_factor=3.0).double()
+    assert all(k.startswith("backbone.") for k in flat.state_dict())  # no pooling or refinement weights
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in flat.parameters():  # away from the near-identity start, so that every weight matters
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        out, reg = flat(pos, vel, q, types, return_reg=True)
+        ref = _eq7_reference(flat, pos, vel, q, types)
+    assert reg is None
+    assert (ref - pos).norm(dim=-1).mean() > 0.1  # a real prediction, not the input
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
 def test_regulariser_is_finite_bounded_and_has_gradient():
     model = _pooled(3).train()
     pos, vel, q, types = _inputs()
-    model(pos, vel, q, types)
-    reg = model.last_reg
+    _, reg = model(pos, vel, q, types, return_reg=True)
     assert reg.dim() == 0 and torch.isfinite(reg) and 0.0 <= reg.item() <= 2.0
     reg.backward()
     grads = [p.grad for p in model.pool.assign.parameters()]
@@ -173,8 +198,9 @@ def test_tiny_pooled_model_overfits_a_tiny_batch():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(100):
-        mse = torch.nn.functional.mse_loss(model(pos, vel, q, types), target)
-        loss = mse + 0.01 * model.last_reg
+        pred, reg = model(pos, vel, q, types, return_reg=True)
+        mse = torch.nn.functional.mse_loss(pred, target)
+        loss = mse + 0.01 * reg
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -224,7 +250,7 @@ def test_task_adds_weighted_regulariser_and_old_checkpoints_load(tmp_path):
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": {"config": old_cfg}, "state_dict": state}, tmp_path / "old.ckpt")
     loaded, loaded_cfg = load_model(tmp_path / "old.ckpt")
-    assert loaded_cfg.model.pool_clusters == 0 and loaded.last_reg is None
+    assert loaded_cfg.model.pool_clusters == 0 and loaded(*batch[:3], return_reg=True)[1] is None
     assert isinstance(loaded.backbone, EGNN) and not hasattr(loaded, "pool")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from equivariance import assert_e3_equivariant, random_orthogonal
 
 from diffgen.errors import DiffgenError
 from diffgen.tasks.regression.checkpoints import load_regressor, save_regressor
@@ -46,22 +47,29 @@ def random_molecules(n_mol: int, gen: torch.Generator):
     return mols
 
 
-def random_orthogonal(gen: torch.Generator, reflect: bool) -> np.ndarray:
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    if (torch.det(q) > 0) == reflect:
-        q[:, 0] = -q[:, 0]
-    return q.numpy()
+def test_model_is_e3_and_permutation_invariant():
+    """Per-molecule outputs are invariant to rotation, reflection, translation and atom permutation (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    task = tiny_task(targets=("gap", "U0")).double().eval()
+    mols = random_molecules(5, gen)
+    z = torch.cat([torch.from_numpy(m[0]) for m in mols])
+    pos = torch.cat([torch.from_numpy(m[1]) for m in mols])
+    batch = torch.repeat_interleave(torch.arange(len(mols)), torch.tensor([len(m[0]) for m in mols]))
+    with torch.no_grad():
+        out = assert_e3_equivariant(task, [("scalar", z), ("pos", pos), ("scalar", batch), ("global", len(mols))],
+                                    ["global"], batch=batch)[0]
+    assert out.shape == (5, 2) and out.std(0).min() > 1e-3  # molecules get different predictions
 
 
 @pytest.mark.parametrize("reflect", [False, True])
-def test_predictions_invariant_to_euclidean_transforms_and_permutations(reflect):
+def test_predict_is_invariant_per_molecule_and_to_batching(reflect):
+    """The numpy ``predict`` path: each molecule moved and relabelled on its own, and any batch size."""
     gen = torch.Generator().manual_seed(1 + int(reflect))
     task = tiny_task(targets=("gap", "U0"), stats={"mean": [5.0, -100.0], "mad": [2.0, 30.0]}).double()
     mols = random_molecules(6, gen)
     ref = predict(task, mols)
     assert ref.shape == (6, 2) and np.all(np.isfinite(ref))
-    q = random_orthogonal(gen, reflect)
+    q = random_orthogonal(-1 if reflect else 1, gen).numpy()
     moved = []
     for z, pos in mols:
         perm = torch.randperm(len(z), generator=gen).numpy()

@@ -42,18 +42,22 @@ class VelocityEGNNDynamics(nn.Module):
             coordinate shift is averaged over the ``n - 1`` neighbours (EGNN's ``C = 1/|N(i)|``), so it is at most
             ``coords_range`` and cannot undo the backbone wholesale (with a sum, 21 saturated gates on alanine
             dipeptide could move an atom by 210 Å, and training drifted into such states).
-            Each forward then stores the assignment regulariser (scalar tensor, with gradient) in
-            ``last_reg``, to be added to the loss with a weight; ``last_reg`` stays None for the flat model.
+            ``forward(..., return_reg=True)`` then also returns the assignment regulariser
+            (:func:`~diffgen.models.eghn.assignment_regulariser`, a scalar tensor with gradient) to be added to the
+            loss with a weight.
         pool_layers: layers of the cluster EGNN (used only if ``pool_clusters > 0``).
         vector_channels: (needs ``use_velocity``) ``C`` equivariant vector channels per node, initialised with the
             velocity and updated by every layer (:class:`EGNN` ``vector_channels``); 0 is EGNN's eq. 7 model exactly.
 
     Shapes:
-        pos ``[B, n, 3]``, vel ``[B, n, 3]``, charges ``[B, n]``, types ``[B, n]`` (long, if n_types) -> predicted positions ``[B, n, 3]``
-        (same units as ``pos``). Every system is a fully connected graph of ``n`` nodes.
+        ``forward(pos [B, n, 3], vel [B, n, 3], charges [B, n], types [B, n] (long, if n_types) or None,
+        return_reg=False)`` -> predicted positions ``[B, n, 3]`` (same units as ``pos``); with ``return_reg=True``
+        the pair ``(positions [B, n, 3], reg)``, ``reg`` a scalar tensor in [0, 2] with pooling and None for the
+        flat model (no regulariser). Every system is a fully connected graph of ``n`` nodes.
 
     Equivariance: rotating/reflecting/translating ``pos`` (and rotating/reflecting ``vel``) transforms
-    the prediction the same way; permuting the atoms (with their charges) permutes it. Holds with pooling too.
+    the prediction the same way; permuting the atoms (with their charges) permutes it. Holds with pooling too,
+    where ``reg`` is invariant.
 
     Raises:
         ValueError: ``pool_clusters < 0`` or ``pool_layers < 1`` with pooling (construction); wrong input shapes,
@@ -75,20 +79,19 @@ class VelocityEGNNDynamics(nn.Module):
             # start at x + vel_init * v: each of the n_layers velocity scales begins at ~vel_init / n_layers
             # instead of a random value
             for layer in self.backbone.layers:
-                last = layer.vel_mlp[-1]
+                last = layer.update.vel_mlp[-1]
                 with torch.no_grad():  # channel 0 holds the input velocity; other channels start unused
                     last.weight.mul_(0.01)
                     last.bias.zero_()
                     last.bias[0] = vel_init / n_layers
-        self.last_reg: torch.Tensor | None = None
         if pool_clusters:  # created after the backbone: with K = 0 nothing is added and the init is unchanged
             self.pool = EquivariantPooling(hidden, pool_clusters, n_layers=pool_layers, attention=attention,
                                            norm_factor=norm_factor, coords_range=coords_range)
             self.refine = EGNN(hidden, hidden=hidden, out_dim=1, n_layers=1, edge_dim=1 if use_charges else 0,
                                attention=attention, norm_factor=norm_factor, coords_range=coords_range)
 
-    def forward(self, pos: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor,
-                types: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pos: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor, types: torch.Tensor | None = None,
+                return_reg: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         if pos.dim() != 3 or pos.shape[-1] != 3 or vel.shape != pos.shape or charges.shape != pos.shape[:2]:
             raise ValueError(f"expected pos/vel [B, n, 3] and charges [B, n], got {tuple(pos.shape)}, "
                              f"{tuple(vel.shape)}, {tuple(charges.shape)}")
@@ -109,9 +112,11 @@ class VelocityEGNNDynamics(nn.Module):
         if self.pool_clusters > n:
             raise ValueError(f"pool_clusters={self.pool_clusters} exceeds the {n} atoms per system")
         h, out = self.backbone(h, x, edge_index, edge_attr, v if self.use_velocity else None)
+        reg = None
         if self.pool_clusters:
-            h, out, self.last_reg = self.pool(h.reshape(b, n, -1), out.reshape(b, n, 3))
+            h, out, reg = self.pool(h.reshape(b, n, -1), out.reshape(b, n, 3))
             x = out.reshape(b * n, 3)
             _, refined = self.refine(h.reshape(b * n, -1), x, edge_index, edge_attr)
             out = x + (refined - x) / max(n - 1, 1)
-        return out.reshape(b, n, 3)
+        out = out.reshape(b, n, 3)
+        return (out, reg) if return_reg else out

@@ -37,10 +37,10 @@ class DynamicsTask(pl.LightningModule):
         ``reg`` is the EGHN assignment regulariser of :mod:`diffgen.models.eghn` and ``w`` = ``model.pool_reg_weight``.
         """
         pos, vel, charges, target, types = batch
-        mse = torch.nn.functional.mse_loss(self.model(pos, vel, charges, types), target)
+        pred, reg = self.model(pos, vel, charges, types, return_reg=True)
+        mse = torch.nn.functional.mse_loss(pred, target)
         if not with_reg:
             return mse
-        reg = self.model.last_reg if self.cfg.model.pool_clusters else None
         return (mse, None) if reg is None else (mse + self.cfg.model.pool_reg_weight * reg, reg)
 
     def training_step(self, batch, batch_idx):

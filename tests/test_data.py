@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch_geometric.utils import scatter
 
+from diffgen.data.cache import default_cache_dir
 from diffgen.data.elements import ATOMIC_NUMBERS
-from diffgen.data.qm9 import QM9, TARGETS, default_cache_dir, node_count_histogram
+from diffgen.data.qm9 import QM9, TARGETS, node_count_histogram
 from diffgen.errors import DiffgenError
 
 # Train node-count histogram with H, from qm9_generation.md (EDM's histogram): atoms -> molecules

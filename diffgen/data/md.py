@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffgen.data.cache import default_cache_dir
 from diffgen.errors import DiffgenError
 
 PDB_PATH = Path(__file__).with_name("alanine_dipeptide.pdb")
@@ -43,8 +44,6 @@ class MDSettings:
 
 
 def md_cache_dir(root: str | Path | None = None) -> Path:
-    from diffgen.data.qm9 import default_cache_dir
-
     return (Path(root) if root is not None else default_cache_dir()) / "md" / "alanine_dipeptide"
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffgen.data.cache import default_cache_dir
 from diffgen.errors import DiffgenError
 
 DT = 0.001
@@ -133,8 +134,6 @@ def generate_nbody(n_traj: int, seed: int, n_particles: int = 5, n_frames: int =
 
 
 def nbody_cache_path(split: str, n_traj: int, root: str | Path | None = None, seed_offset: int = 0) -> Path:
-    from diffgen.data.qm9 import default_cache_dir
-
     base = Path(root) if root is not None else default_cache_dir()
     return base / "nbody" / f"charged5_{split}_{n_traj}_seed{SPLIT_SEEDS[split] + 1000 * seed_offset}.npz"
 

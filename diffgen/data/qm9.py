@@ -20,7 +20,6 @@ sorted by GDB-9 index: 100,000 train / 17,748 valid / 13,083 test.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data, InMemoryDataset
 
+from diffgen.data.cache import default_cache_dir
 from diffgen.data.elements import SYMBOL_TO_Z
 from diffgen.errors import DiffgenError
 
@@ -63,15 +63,6 @@ for _k in ("U0", "U", "H", "G"):
 N_MOLECULES = 130_831
 SPLIT_SIZES = {"train": 100_000, "valid": 17_748, "test": 13_083}
 SPLITS = ("train", "valid", "test")
-
-
-def default_cache_dir() -> Path:
-    """Root of diffgen's caches: ``$DIFFGEN_CACHE`` or ``$XDG_CACHE_HOME/diffgen`` or ``~/.cache/diffgen``."""
-    env = os.environ.get("DIFFGEN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "diffgen"
 
 
 def qm9pack_data_dir() -> Path:

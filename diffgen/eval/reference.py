@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffgen.data.qm9 import QM9, default_cache_dir
+from diffgen.data.cache import default_cache_dir
+from diffgen.data.qm9 import QM9
 from diffgen.eval.chem import smiles_of_dataset
 
 

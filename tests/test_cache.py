@@ -1,10 +1,11 @@
-"""Cache files: atomic writes, version/integrity stamps."""
+"""Cache files: atomic writes, version/integrity stamps, and what N-body / MD caches do with broken files."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffgen.data.cache import (
@@ -16,6 +17,7 @@ from diffgen.data.cache import (
     write_stamp,
     write_stamped,
 )
+from diffgen.data.nbody import load_nbody_split, nbody_cache_path
 from diffgen.errors import DiffgenError
 
 KIND, VERSION = "test/blob", 3
@@ -113,3 +115,66 @@ def test_a_file_whose_stamp_was_written_for_other_bytes_is_rejected(tmp_path):
         verify(a, KIND, VERSION)
     write_stamp(a, KIND, VERSION, {"items": 100})  # re-stamping adopts the new bytes
     assert verify(a, KIND, VERSION)["sha256"] == verify(b, KIND, VERSION)["sha256"]
+
+
+# ------------------------------------------------------------------ N-body: derived data, regenerated
+
+def test_broken_nbody_cache_is_regenerated_with_a_one_line_note(tmp_path, capsys):
+    good = load_nbody_split("valid", 4, root=tmp_path)
+    path = nbody_cache_path("valid", 4, tmp_path)
+    assert capsys.readouterr().err == ""  # first build: no note
+    for corrupt, fragment in ((lambda p: p.write_bytes(b""), "empty"),
+                              (_truncate, "truncated"),
+                              (lambda p: stamp_path(p).unlink(), "no version stamp"),
+                              (lambda p: _edit_stamp(p, version=0), "format version 0")):
+        corrupt(path)
+        again = load_nbody_split("valid", 4, root=tmp_path)
+        np.testing.assert_array_equal(again["loc"], good["loc"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and fragment in err[0] and "regenerating" in err[0], err
+    # a split file swapped for another split's (with its stamp) is caught by the stamped kind
+    other = load_nbody_split("test", 4, root=tmp_path)
+    other_path = nbody_cache_path("test", 4, tmp_path)
+    shutil.copyfile(other_path, path)
+    shutil.copyfile(stamp_path(other_path), stamp_path(path))
+    capsys.readouterr()
+    again = load_nbody_split("valid", 4, root=tmp_path)
+    assert "swapped" in capsys.readouterr().err
+    np.testing.assert_array_equal(again["loc"], good["loc"])
+    assert not np.array_equal(other["loc"], good["loc"])
+
+
+# ------------------------------------------------------------------ MD: expensive, say how to redo it
+
+def test_broken_md_run_is_a_one_line_error_naming_the_file_and_the_fix(tmp_path):
+    from diffgen.data.md import MDSettings, load_md, run_path, save_run
+
+    settings = MDSettings(n_runs=2, n_frames=4)
+    for k in range(2):
+        loc = np.full((4, 22, 3), float(k), dtype=np.float32)
+        save_run(run_path(settings, k, tmp_path), {"loc": loc, "vel": np.zeros_like(loc)})
+    broken = run_path(settings, 1, tmp_path)
+    _truncate(broken)
+    with pytest.raises(DiffgenError) as info:
+        load_md(settings, tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(broken) in msg and "truncated" in msg and "diffgen dynamics simulate" in msg
+    shutil.copyfile(run_path(settings, 0, tmp_path), broken)  # another run's bytes under this name
+    with pytest.raises(DiffgenError, match="checksum"):
+        load_md(settings, tmp_path)
+
+
+def test_simulate_all_resimulates_a_broken_run(tmp_path, capsys):
+    pytest.importorskip("openmm")
+    from diffgen.data.md import MDSettings, run_path, simulate_all
+
+    s = MDSettings(n_runs=1, n_frames=2, frame_ps=0.02, equil_ps=0.02, seed=4)
+    path = simulate_all(s, tmp_path)[0]
+    assert path == run_path(s, 0, tmp_path)
+    good = np.load(path)["loc"]
+    path.write_bytes(b"")
+    capsys.readouterr()
+    simulate_all(s, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "simulating it again" in err[0]
+    np.testing.assert_array_equal(np.load(path)["loc"], good)  # Reference platform: bit-reproducible

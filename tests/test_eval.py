@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import time
 
@@ -317,3 +318,55 @@ def test_evaluator_reproduces_qm9_data_row():
     assert abs(100 * r["validity"] - 97.7) <= 1.5
     assert r["uniqueness"] > 0.99
     assert time.perf_counter() - t0 < 60
+
+
+# ---------------------------------------------------------------- novelty reference (cache file)
+
+def test_reference_file_round_trip_and_empty_reference_refused(tmp_path):
+    from diffgen.data.cache import stamp_path
+    from diffgen.eval.reference import read_reference, reference_path, training_smiles, write_reference
+
+    ref = write_reference([with_h("C"), None, with_h("O"), with_h("C")], root=tmp_path)
+    assert ref == {with_h("C"), with_h("O")}
+    assert read_reference(tmp_path) == training_smiles(tmp_path, build=False) == ref
+    assert json.loads(stamp_path(reference_path(tmp_path)).read_text())["counts"] == {"smiles": 2}
+    with pytest.raises(DiffgenError, match="empty reference"):
+        write_reference([None, ""], root=tmp_path)
+    assert read_reference(tmp_path) == ref  # the refused write left the old file in place
+    assert training_smiles(tmp_path / "elsewhere", build=False) is None  # not built yet: novelty n/a
+
+
+REFERENCE_CORRUPTIONS = {
+    "zero bytes": (lambda p: p.write_bytes(b""), "empty (0 bytes)"),
+    "truncated": (lambda p: p.write_text(p.read_text()[:5]), "truncated"),
+    "stale version": (lambda p: p.with_name(p.name + ".stamp.json").write_text(
+        p.with_name(p.name + ".stamp.json").read_text().replace('"version": 1', '"version": 0')), "format version 0"),
+    "swapped": (lambda p: p.write_text(p.read_text().replace("O", "N")), "checksum"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CORRUPTIONS))
+def test_broken_reference_file_is_ignored_or_rebuilt_never_used(tmp_path, monkeypatch, capsys, case):
+    """``build=False`` (the default of ``evaluate``/``sample``): a broken reference gives novelty n/a and one line on
+    stderr. ``build=True`` (``--novelty``): it is rebuilt from the training split (stubbed: three molecules)."""
+    import diffgen.eval.reference as reference
+    from diffgen.data.cache import verify
+
+    corrupt, fragment = REFERENCE_CORRUPTIONS[case]
+    path = reference.reference_path(tmp_path)
+    reference.write_reference([with_h("C"), with_h("O")], root=tmp_path)
+    corrupt(path)
+    capsys.readouterr()
+    assert reference.training_smiles(tmp_path, build=False) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and fragment in err[0] and "novelty n/a" in err[0], err
+
+    class Mol:
+        def __init__(self, zpos):
+            self.z, self.pos = zpos
+
+    monkeypatch.setattr(reference, "QM9", lambda root, split, remove_h: [Mol(m) for m in (methane(), water(), ethanol())])
+    assert reference.training_smiles(tmp_path, build=True) == {with_h("C"), with_h("O"), with_h("CCO")}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "rebuilding" in err[0], err
+    verify(path, "qm9/train_smiles_edm_H", reference.REFERENCE_VERSION, {"smiles": 3})

@@ -261,13 +261,20 @@ def test_generation_metrics_counts():
 
 
 def test_generation_metrics_empty():
-    r = GenerationMetrics(reference_smiles=set()).compute()
+    r = GenerationMetrics(reference_smiles={with_h("C")}).compute()
     assert r["n_molecules"] == 0 and r["n_atoms"] == 0
     for k in ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_unique", "novelty"):
         assert r[k] == 0.0
     m = GenerationMetrics()
     m.update([])
     assert m.compute()["novelty"] is None and len(m) == 0
+
+
+def test_empty_novelty_reference_is_an_error_not_100_percent_novelty():
+    for empty in (set(), {""}, []):
+        with pytest.raises(DiffgenError, match="every molecule would count as novel"):
+            GenerationMetrics(reference_smiles=empty)
+    assert GenerationMetrics(reference_smiles=None).compute()["novelty"] is None  # no reference: n/a
 
 
 def test_smiles_of_dataset_matches_metrics():

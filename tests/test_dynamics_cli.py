@@ -23,16 +23,16 @@ def _one_line_error(res, fragment):
 
 
 def test_cli_train_evaluate_and_bad_input(tmp_path):
-    from diffgen.data.nbody import N_FRAMES, nbody_cache_path
+    from diffgen.data.nbody import N_FRAMES, nbody_cache_path, save_nbody_cache
 
     env = {"DIFFGEN_CACHE": str(tmp_path / "cache")}
     tiny = ["data.n_train=20", "data.n_valid=10", "data.n_test=10", "data.batch_size=10"]
     rng = np.random.default_rng(0)
     for split, n in (("train", 20), ("valid", 10), ("test", 10)):  # stand-in caches: CLI plumbing, not physics
         path = nbody_cache_path(split, n, tmp_path / "cache")
-        path.parent.mkdir(parents=True, exist_ok=True)
         loc = rng.standard_normal((n, N_FRAMES, 5, 3)).astype(np.float32)
-        np.savez(path, loc=loc, vel=np.gradient(loc, axis=1), charges=np.sign(rng.standard_normal((n, 5))))
+        save_nbody_cache(path, {"loc": loc, "vel": np.gradient(loc, axis=1),
+                                "charges": np.sign(rng.standard_normal((n, 5)))})
     res = run_cli("dynamics", "train", "--threads", "1", "--out-dir", str(tmp_path / "run"), *tiny,
                   "trainer.max_epochs=1", env_extra=env)
     assert res.returncode == 0, res.stderr[-2000:]

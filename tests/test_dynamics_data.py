@@ -79,7 +79,7 @@ def test_bad_trajectories_give_one_line_errors():
 
 def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
     pytest.importorskip("openmm")
-    from diffgen.data.md import MDSettings, run_path, simulate_run, system_info
+    from diffgen.data.md import MDSettings, run_path, save_run, simulate_run, system_info
     from diffgen.tasks.dynamics.config import dynamics_config_from_dict
     from diffgen.tasks.dynamics.common import pairs_dataset
 
@@ -96,10 +96,8 @@ def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
                                               "frame_in": 0, "frame_out": 1}})
     settings = MDSettings(n_runs=5, n_frames=4)
     for k in range(5):
-        path = run_path(settings, k, tmp_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         loc = np.full((4, 22, 3), 100.0 * k, dtype=np.float32)
-        np.savez(path, loc=loc, vel=np.zeros_like(loc))
+        save_run(run_path(settings, k, tmp_path), {"loc": loc, "vel": np.zeros_like(loc)})
     seen = {}
     for split in ("train", "valid", "test"):
         ds = pairs_dataset(cfg, split)

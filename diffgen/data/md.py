@@ -9,21 +9,24 @@ and velocities (Å/ps) every ``frame_ps``. OpenMM's Reference platform with
 ``integrator.setRandomNumberSeed(seed)`` and ``setVelocitiesToTemperature(T, seed)`` makes every run
 bit-reproducible for its seed.
 
-Cache: one ``.npz`` per run under ``default_cache_dir()/md/alanine_dipeptide`` (written atomically), so
-an interrupted ``diffgen dynamics simulate`` resumes at the first missing run.
+Cache: one ``.npz`` per run under ``default_cache_dir()/md/alanine_dipeptide``, written atomically with a
+version/integrity stamp (:mod:`diffgen.data.cache`), so an interrupted ``diffgen dynamics simulate`` resumes at
+the first missing run and re-simulates runs whose file is broken.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from diffgen.data.cache import CacheError, default_cache_dir, note, verify, write_stamped
 from diffgen.errors import DiffgenError
 
 PDB_PATH = Path(__file__).with_name("alanine_dipeptide.pdb")
 ELEMENTS = ("H", "C", "N", "O")
+#: Format version of the cached run files (stamped; bump when the simulation protocol or the layout changes).
+CACHE_VERSION = 1
 
 
 @dataclass
@@ -43,13 +46,30 @@ class MDSettings:
 
 
 def md_cache_dir(root: str | Path | None = None) -> Path:
-    from diffgen.data.qm9 import default_cache_dir
-
+    """Folder of the cached runs: ``root/md/alanine_dipeptide`` (root default ``default_cache_dir()``)."""
     return (Path(root) if root is not None else default_cache_dir()) / "md" / "alanine_dipeptide"
 
 
 def run_path(settings: MDSettings, k: int, root: str | Path | None = None) -> Path:
+    """Cache file of run ``k`` (seed ``settings.seed + k``) under :func:`md_cache_dir`."""
     return md_cache_dir(root) / f"run_seed{settings.seed + k}_{settings.tag()}.npz"
+
+
+def save_run(path: str | Path, data: dict[str, np.ndarray]) -> None:
+    """Write one run ``{"loc", "vel": [frames, atoms, 3]}`` (Å, Å/ps) as a stamped cache file, atomically."""
+    path = Path(path)
+    loc = data["loc"]
+    if loc.ndim != 3 or loc.shape[-1] != 3 or data["vel"].shape != loc.shape:
+        raise DiffgenError(f"{path}: an MD run needs loc and vel of shape [frames, atoms, 3], "
+                           f"got {list(loc.shape)} and {list(data['vel'].shape)}")
+    write_stamped(path, lambda tmp: np.savez(tmp, loc=loc, vel=data["vel"]), f"md/{path.stem}", CACHE_VERSION,
+                  {"frames": loc.shape[0], "atoms": loc.shape[1]}, suffix=".npz")
+
+
+def _verify_run(settings: MDSettings, k: int, root: str | Path | None = None) -> None:
+    path = run_path(settings, k, root)
+    verify(path, f"md/{path.stem}", CACHE_VERSION, {"frames": settings.n_frames},
+           fix="run `diffgen dynamics simulate` to simulate it again")
 
 
 def _openmm():
@@ -106,18 +126,18 @@ def simulate_run(settings: MDSettings, k: int, progress=None) -> dict[str, np.nd
 
 
 def simulate_all(settings: MDSettings, root: str | Path | None = None, progress=None) -> list[Path]:
-    """Run (or resume) every run that is not cached yet; returns the run files in run order."""
+    """Run (or resume) every run that is not cached yet, or whose file is broken; returns the run files in run order."""
     paths = []
     for k in range(settings.n_runs):
         path = run_path(settings, k, root)
-        if not path.is_file():
-            data = simulate_run(settings, k, progress)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **data)
-            os.replace(tmp, path)
-        elif progress is not None:
-            progress(settings.n_frames)
+        try:
+            _verify_run(settings, k, root)
+            if progress is not None:
+                progress(settings.n_frames)
+        except CacheError as err:
+            if err.reason != "missing":
+                note(f"{err.path} is unusable ({err.reason}); simulating it again")
+            save_run(path, simulate_run(settings, k, progress))
         paths.append(path)
     return paths
 
@@ -126,13 +146,23 @@ def load_md(settings: MDSettings, root: str | Path | None = None) -> dict[str, n
     """All cached runs: ``loc``/``vel`` ``[runs, frames, 22, 3]``, ``charges`` ``[runs, 22]``, ``types`` ``[22]``.
 
     Raises:
-        DiffgenError: runs missing from the cache (with the command that makes them).
+        DiffgenError: runs missing from the cache (with the command that makes them), or a broken run file
+            (missing or wrong stamp, truncated, modified; with the command that redoes it).
     """
     missing = [k for k in range(settings.n_runs) if not run_path(settings, k, root).is_file()]
     if missing:
         raise DiffgenError(f"{len(missing)} of {settings.n_runs} MD runs not simulated yet (cache "
                            f"{md_cache_dir(root)}): run `diffgen dynamics simulate` first")
-    runs = [np.load(run_path(settings, k, root)) for k in range(settings.n_runs)]
+    runs = []
+    for k in range(settings.n_runs):
+        _verify_run(settings, k, root)
+        path = run_path(settings, k, root)
+        try:
+            with np.load(path) as z:
+                runs.append({"loc": z["loc"], "vel": z["vel"]})
+        except Exception as exc:  # noqa: BLE001 - a stamped file that does not load is a cache problem
+            raise CacheError(path, f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                             "run `diffgen dynamics simulate` to simulate it again") from None
     info = system_info()
     loc = np.stack([r["loc"] for r in runs])
     return {"loc": loc, "vel": np.stack([r["vel"] for r in runs]),

@@ -18,16 +18,17 @@ the 7,000 trajectories of the benchmark take a few tens of seconds.
 
 Data set (fixed seeds): 3,000 train / 2,000 valid / 2,000 test trajectories, input = positions and
 velocities at frame 30, target = positions at frame 40. Generated once and cached as ``.npz`` in
-``default_cache_dir()/nbody``.
+``default_cache_dir()/nbody``, written atomically with a version/integrity stamp (:mod:`diffgen.data.cache`);
+a missing, truncated, stale or swapped file is regenerated.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from diffgen.data.cache import CacheError, default_cache_dir, note, verify, write_stamped
 from diffgen.errors import DiffgenError
 
 DT = 0.001
@@ -36,6 +37,8 @@ N_FRAMES = 50
 CLIP = 100.0  # = 0.1 / dt, as in Kipf et al. 2018
 SPLIT_SEEDS = {"train": 1, "valid": 2, "test": 3}  # data-generation seeds of the three splits
 SPLIT_SIZES = {"train": 3000, "valid": 2000, "test": 2000}
+#: Format version of the cached split files (stamped; bump when the simulator or the file layout changes).
+CACHE_VERSION = 1
 
 
 def coulomb_forces(pos: np.ndarray, charges: np.ndarray, clip: float | None = CLIP) -> np.ndarray:
@@ -133,21 +136,46 @@ def generate_nbody(n_traj: int, seed: int, n_particles: int = 5, n_frames: int =
 
 
 def nbody_cache_path(split: str, n_traj: int, root: str | Path | None = None, seed_offset: int = 0) -> Path:
-    from diffgen.data.qm9 import default_cache_dir
-
+    """Cache file of one generated split: ``root/nbody/charged5_<split>_<n_traj>_seed<seed>.npz``."""
     base = Path(root) if root is not None else default_cache_dir()
     return base / "nbody" / f"charged5_{split}_{n_traj}_seed{SPLIT_SEEDS[split] + 1000 * seed_offset}.npz"
 
 
+def _cache_counts(loc_shape) -> dict[str, int]:
+    return {"trajectories": loc_shape[0], "frames": loc_shape[1], "particles": loc_shape[2]}
+
+
+def save_nbody_cache(path: str | Path, data: dict[str, np.ndarray]) -> None:
+    """Write trajectories as a stamped cache file, atomically (see :mod:`diffgen.data.cache`).
+
+    Args:
+        path: a :func:`nbody_cache_path`; its name is the stamped kind.
+        data: ``{"loc", "vel": [B, F, n, 3], "charges": [B, n]}``.
+
+    Raises:
+        DiffgenError: inconsistent shapes.
+    """
+    path = Path(path)
+    validate_trajectories(data, str(path))
+    write_stamped(path, lambda tmp: np.savez(tmp, **data), f"nbody/{path.stem}", CACHE_VERSION,
+                  _cache_counts(data["loc"].shape), suffix=".npz")
+
+
 def load_nbody_split(split: str, n_traj: int | None = None, root: str | Path | None = None,
                      seed_offset: int = 0) -> dict[str, np.ndarray]:
-    """The cached split (generated and written atomically on first use).
+    """The cached split (generated and written atomically on first use; regenerated if the file is broken).
 
     Args:
         split: train, valid or test.
         n_traj: number of trajectories (default: 3,000 / 2,000 / 2,000).
         root: cache root (default ``default_cache_dir()``); files go to ``root/nbody``.
         seed_offset: 0 for the benchmark; other values give independent data sets.
+
+    Returns:
+        ``{"loc", "vel": [n_traj, 50, 5, 3], "charges": [n_traj, 5]}`` float32 (reduced units).
+
+    Raises:
+        DiffgenError: unknown split, non-positive ``n_traj``, or a cache file still unusable after regenerating.
     """
     if split not in SPLIT_SEEDS:
         raise DiffgenError(f"unknown split {split!r}: choose train, valid or test")
@@ -155,12 +183,14 @@ def load_nbody_split(split: str, n_traj: int | None = None, root: str | Path | N
     if n_traj < 1:
         raise DiffgenError(f"number of trajectories must be positive, got {n_traj}")
     path = nbody_cache_path(split, n_traj, root, seed_offset)
-    if not path.is_file():
-        data = generate_nbody(n_traj, SPLIT_SEEDS[split] + 1000 * seed_offset)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **data)
-        os.replace(tmp, path)
+    kind, counts = f"nbody/{path.stem}", _cache_counts((n_traj, N_FRAMES, 5))
+    try:
+        verify(path, kind, CACHE_VERSION, counts)
+    except CacheError as err:
+        if err.reason != "missing":
+            note(f"{err.path} is unusable ({err.reason}); regenerating it")
+        save_nbody_cache(path, generate_nbody(n_traj, SPLIT_SEEDS[split] + 1000 * seed_offset))
+        verify(path, kind, CACHE_VERSION, counts)
     return load_trajectories(path)
 
 

@@ -3,7 +3,8 @@
 The CSVs shipped in ``qm9pack`` are parsed once into a PyTorch Geometric
 :class:`~torch_geometric.data.InMemoryDataset` cached under ``root`` (default
 ``$DIFFGEN_CACHE`` or ``~/.cache/diffgen``); later loads read the processed file
-in a few seconds.
+in a few seconds. The processed files are written atomically with a version/integrity
+stamp and verified on every load (:mod:`diffgen.data.cache`): a broken one is rebuilt.
 
 Each molecule is a :class:`~torch_geometric.data.Data` with
 
@@ -20,7 +21,6 @@ sorted by GDB-9 index: 100,000 train / 17,748 valid / 13,083 test.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data, InMemoryDataset
 
+from diffgen.data.cache import CacheError, default_cache_dir, note, verify, write_stamped
 from diffgen.data.elements import SYMBOL_TO_Z
 from diffgen.errors import DiffgenError
 
@@ -63,15 +64,6 @@ for _k in ("U0", "U", "H", "G"):
 N_MOLECULES = 130_831
 SPLIT_SIZES = {"train": 100_000, "valid": 17_748, "test": 13_083}
 SPLITS = ("train", "valid", "test")
-
-
-def default_cache_dir() -> Path:
-    """Root of diffgen's caches: ``$DIFFGEN_CACHE`` or ``$XDG_CACHE_HOME/diffgen`` or ``~/.cache/diffgen``."""
-    env = os.environ.get("DIFFGEN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "diffgen"
 
 
 def qm9pack_data_dir() -> Path:
@@ -120,12 +112,55 @@ def read_qm9pack(data_dir: Path | None = None):
     return df.sort_values("Index").reset_index(drop=True)
 
 
+#: Format version of the processed files (stamped beside each; bump when their content or layout changes).
+CACHE_VERSION = 1
+#: The six processed files of one H setting, in the order of ``QM9.processed_file_names``.
+_FILE_KEYS = ("train", "valid", "test", "all", "half0", "half1")
+_FILE_SIZES = {**SPLIT_SIZES, "all": N_MOLECULES,
+               "half0": SPLIT_SIZES["train"] // 2, "half1": SPLIT_SIZES["train"] - SPLIT_SIZES["train"] // 2}
+
+
+def molecules_from_table(df, remove_h: bool = False, progress: bool = False) -> list[Data]:
+    """One :class:`~torch_geometric.data.Data` per row of a qm9pack table, in row order.
+
+    Args:
+        df: rows of :func:`read_qm9pack` (columns ``Index``, ``Elements``, ``XYZ_Ang`` and the target columns).
+        remove_h: drop hydrogen atoms (``z == 1``) and their positions; ``y`` and ``idx`` are unchanged.
+        progress: show a progress bar.
+
+    Returns:
+        list of ``Data(z [n] long, pos [n, 3] float Å, y [1, 12] float, idx [1] long)`` (see module docstring).
+    """
+    y = np.stack([df[_CSV_COLUMNS[t]].to_numpy(np.float64) for t in TARGETS], axis=1)
+    for t in _HARTREE_TARGETS:
+        y[:, TARGETS.index(t)] *= HARTREE_TO_EV
+    y = torch.tensor(y, dtype=torch.float32)
+    rows = zip(df["Elements"], df["XYZ_Ang"], df["Index"])
+    if progress:
+        from rich.progress import track
+
+        rows = track(rows, total=len(df), description=f"Processing QM9 ({'no H' if remove_h else 'with H'})")
+    data_list = []
+    for i, (els, xyz, idx) in enumerate(rows):
+        z = torch.tensor(_parse_elements(els), dtype=torch.long)
+        pos = torch.tensor(_parse_positions(xyz), dtype=torch.float32)
+        if remove_h:
+            keep = z != 1
+            z, pos = z[keep], pos[keep]
+        data_list.append(Data(z=z, pos=pos, y=y[i:i + 1], idx=torch.tensor([int(idx)])))
+    return data_list
+
+
 class QM9(InMemoryDataset):
     """One split of QM9 as a PyG InMemoryDataset (see module docstring for the fields).
 
+    The processed files (one per split and H setting, plus one of SMILES) are built once from qm9pack,
+    written atomically and stamped (:mod:`diffgen.data.cache`); each load verifies the stamp, and a
+    missing, empty, truncated, stale or swapped file is rebuilt (about half a minute, one line on stderr).
+
     Args:
         root: cache folder; the processed file lives in ``root/qm9/processed``. Default
-            :func:`default_cache_dir`.
+            :func:`~diffgen.data.cache.default_cache_dir`.
         split: ``"train"``, ``"valid"``, ``"test"``, or ``"all"`` (index order).
         remove_h: drop hydrogen atoms (the "QM9 without H" setting of EDM).
         subset: optional ``"half0"``/``"half1"``: the train split cut in two halves
@@ -134,7 +169,8 @@ class QM9(InMemoryDataset):
         transform: optional PyG transform applied on access.
 
     Raises:
-        DiffgenError: unknown split/subset or missing qm9pack data.
+        DiffgenError: unknown split/subset, missing qm9pack data, or a cache file that cannot be written
+            or still does not load after a rebuild.
     """
 
     def __init__(
@@ -152,68 +188,93 @@ class QM9(InMemoryDataset):
         if subset is not None and split != "train":
             raise DiffgenError("subset halves are defined on the train split only")
         self.split, self.remove_h, self.subset = split, remove_h, subset
+        self._smiles: list[str] | None = None
         root = Path(root) if root is not None else default_cache_dir()
+        # no process()/download() methods: PyG leaves the folder alone and this class owns its files
         super().__init__(str(root / "qm9"), transform=transform)
-        self.load(self.processed_paths[self._file_index()])
-        self.smiles: list[str] = torch.load(self.processed_paths[-1], weights_only=False)[self._file_index()]
-
-    # --- InMemoryDataset plumbing -------------------------------------------------
-    @property
-    def raw_file_names(self) -> list[str]:
-        return []
-
-    def download(self) -> None:  # data come from the installed qm9pack wheel
-        pass
-
-    def _names(self) -> list[str]:
-        h = "noH" if self.remove_h else "H"
-        names = [f"{s}_{h}" for s in SPLITS] + [f"all_{h}", f"half0_{h}", f"half1_{h}"]
-        return names
-
-    def _file_index(self) -> int:
         key = self.subset or self.split
-        return ["train", "valid", "test", "all", "half0", "half1"].index(key)
+        self._ensure(key)
+        path = self._path(key)
+        try:
+            self.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - a stamped file that does not load is a cache problem
+            raise CacheError(path, f"unreadable: {_first_line(exc)}", "delete it; diffgen rebuilds it") from None
 
+    @property
+    def smiles(self) -> list[str]:
+        """GDB SMILES (qm9pack column) of every stored molecule of this split, in storage order.
+
+        Loaded (and verified, rebuilt if broken) on first access.
+        """
+        if self._smiles is None:
+            self._ensure("smiles")
+            path = self._path("smiles")
+            try:
+                lists = torch.load(path, weights_only=True)
+                smiles = lists[_FILE_KEYS.index(self.subset or self.split)]
+            except Exception as exc:  # noqa: BLE001
+                raise CacheError(path, f"unreadable: {_first_line(exc)}", "delete it; diffgen rebuilds it") from None
+            self._smiles = smiles
+        return self._smiles
+
+    # --- processed files --------------------------------------------------------------
     @property
     def processed_file_names(self) -> list[str]:
-        return [f"{n}.pt" for n in self._names()] + [f"smiles_{'noH' if self.remove_h else 'H'}.pt"]
+        h = "noH" if self.remove_h else "H"
+        return [f"{k}_{h}.pt" for k in _FILE_KEYS] + [f"smiles_{h}.pt"]
 
-    def process(self) -> None:
-        from rich.progress import track
+    def _path(self, key: str) -> Path:
+        return Path(self.processed_paths[-1 if key == "smiles" else _FILE_KEYS.index(key)])
 
+    def _kind(self, key: str) -> str:
+        return f"qm9/{key}_{'noH' if self.remove_h else 'H'}"
+
+    def _verify(self, key: str) -> None:
+        counts = dict(_FILE_SIZES) if key == "smiles" else {"molecules": _FILE_SIZES[key]}
+        verify(self._path(key), self._kind(key), CACHE_VERSION, counts, fix="delete it; diffgen rebuilds it")
+
+    def _ensure(self, key: str) -> None:
+        """Verify the file of ``key``; rebuild this H setting's files if it is missing or broken.
+
+        Raises:
+            CacheError: the file still fails verification after the rebuild.
+        """
+        try:
+            self._verify(key)
+            return
+        except CacheError as err:
+            if err.reason != "missing":
+                note(f"{err.path} is unusable ({err.reason}); rebuilding the QM9 cache")
+        self._build()
+        self._verify(key)
+
+    def _build(self) -> None:
+        """Parse qm9pack into the six split files and the SMILES file of this H setting (atomic, stamped)."""
         df = read_qm9pack()
         if len(df) != N_MOLECULES:
             raise DiffgenError(f"qm9pack holds {len(df)} molecules, expected {N_MOLECULES}")
-        y = np.stack([df[_CSV_COLUMNS[t]].to_numpy(np.float64) for t in TARGETS], axis=1)
-        for t in _HARTREE_TARGETS:
-            y[:, TARGETS.index(t)] *= HARTREE_TO_EV
-        y = torch.tensor(y, dtype=torch.float32)
-        data_list = []
-        for i, (els, xyz, idx) in enumerate(
-            track(zip(df["Elements"], df["XYZ_Ang"], df["Index"]), total=len(df),
-                  description=f"Processing QM9 ({'no H' if self.remove_h else 'with H'})")
-        ):
-            z = torch.tensor(_parse_elements(els), dtype=torch.long)
-            pos = torch.tensor(_parse_positions(xyz), dtype=torch.float32)
-            if self.remove_h:
-                keep = z != 1
-                z, pos = z[keep], pos[keep]
-            data_list.append(Data(z=z, pos=pos, y=y[i:i + 1], idx=torch.tensor([int(idx)])))
+        data_list = molecules_from_table(df, self.remove_h, progress=True)
         smiles = df["SMILES"].tolist()
         splits = split_indices(len(df))
-        half = SPLIT_SIZES["train"] // 2
-        order = {
-            **splits,
-            "all": np.arange(len(df)),
-            "half0": splits["train"][:half],
-            "half1": splits["train"][half:],
-        }
+        half = _FILE_SIZES["half0"]
+        order = {**splits, "all": np.arange(len(df)), "half0": splits["train"][:half], "half1": splits["train"][half:]}
         all_smiles = []
-        for name, path in zip(["train", "valid", "test", "all", "half0", "half1"], self.processed_paths[:-1]):
-            rows = order[name]
-            self.save([data_list[r] for r in rows], path)
-            all_smiles.append([smiles[r] for r in rows])
-        torch.save(all_smiles, self.processed_paths[-1])
+        try:
+            for key in _FILE_KEYS:
+                rows = order[key]
+                data, slices = self.collate([data_list[r] for r in rows])
+                write_stamped(self._path(key), lambda tmp: torch.save((data.to_dict(), slices, data.__class__), tmp),
+                              self._kind(key), CACHE_VERSION, {"molecules": len(rows), "atoms": data.z.numel()})
+                all_smiles.append([smiles[r] for r in rows])
+            write_stamped(self._path("smiles"), lambda tmp: torch.save(all_smiles, tmp), self._kind("smiles"),
+                          CACHE_VERSION, {k: len(v) for k, v in zip(_FILE_KEYS, all_smiles)})
+        except OSError as exc:
+            raise DiffgenError(f"cannot write the QM9 cache in {self.processed_dir}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def node_count_histogram(dataset: QM9, max_nodes: int = 29) -> torch.Tensor:

@@ -129,11 +129,17 @@ class GenerationMetrics:
     as a list of dicts.
 
     Args:
-        reference_smiles: SMILES of the training set for novelty (None: novelty is None).
+        reference_smiles: SMILES of the training set for novelty (None: novelty is None, i.e. n/a).
+
+    Raises:
+        DiffgenError: ``reference_smiles`` is given but holds no SMILES (every molecule would count as novel).
     """
 
     def __init__(self, reference_smiles: set[str] | None = None):
         self.reference_smiles = set(reference_smiles) if reference_smiles is not None else None
+        if self.reference_smiles is not None and not any(self.reference_smiles):
+            raise DiffgenError("the novelty reference holds no SMILES, so every molecule would count as novel: "
+                               "rebuild it, or evaluate without novelty")
         self.reset()
 
     def reset(self) -> None:

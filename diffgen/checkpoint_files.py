@@ -23,13 +23,15 @@ def first_line(exc: BaseException) -> str:
 
 
 def read_lightning(path: Path) -> dict:
-    """The dict stored in a Lightning ``.ckpt`` (on CPU).
+    """The dict stored in a Lightning ``.ckpt`` (on CPU), read with ``weights_only=True``: tensors and plain
+    Python data only, so a crafted file cannot run code while it is read.
 
     Raises:
-        DiffgenError: the file cannot be unpickled (corrupt, truncated, not a torch file) or is not a dict.
+        DiffgenError: the file cannot be read (corrupt, truncated, not a torch file, or holding objects other than
+            tensors and plain data) or is not a dict.
     """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types on corrupt files
         raise DiffgenError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(ckpt, dict):

@@ -1,13 +1,21 @@
-"""Shared Lightning trainer set-up: loggers, atomic checkpoints, resume, progress bar.
+"""Shared Lightning training for every task: loggers, atomic checkpoints, safe resume, Ctrl-C handling.
 
-Every task (generation, regression, dynamics) trains through :func:`make_trainer`, so all
-of them get CSV + TensorBoard logs, periodic and last checkpoints written atomically
-(temporary file + ``os.replace``), automatic resume from ``out_dir/checkpoints/last.ckpt`` and
-multi-GPU DDP via ``accelerator``/``devices``.
+Every task (generation, regression, dynamics) trains through :func:`fit`, so all of them get
+
+* CSV + TensorBoard logs and a progress bar;
+* periodic, best and last checkpoints written atomically (temporary file + ``os.replace``), always under the same
+  names (no ``last-v1.ckpt``: Lightning's version counter is off);
+* automatic resume from the **newest** checkpoint of ``out_dir/checkpoints`` (by global step), read with
+  ``torch.load(weights_only=True)`` (a checkpoint is never unpickled) and checked against the model before
+  training starts, so a truncated file or one of another model size is a one-line error;
+* Ctrl-C (SIGINT): ``last.ckpt`` is saved at the current step, then :class:`KeyboardInterrupt` propagates
+  (the CLI exits with code 130);
+* multi-GPU / multi-process DDP via ``accelerator`` / ``devices``.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,11 +23,14 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from diffgen.checkpoint_files import first_line, read_lightning
 from diffgen.config import TrainerConfig
+from diffgen.errors import DiffgenError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to ``<path>.tmp`` then renames it, so a crash never leaves a torn file."""
+    """Writes each checkpoint to ``<path>.tmp`` then renames it, so a crash never leaves a torn file; reads with
+    ``weights_only=True`` (tensors and plain data only), so resuming never runs code stored in a file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -28,10 +39,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return read_lightning(Path(path))
 
-class SaveLastOnTrainEnd(Callback):
-    """Refresh ``last.ckpt`` when fitting ends (``max_time``/``max_steps``/``max_epochs``), so a resume never
-    repeats the steps done since the last periodic checkpoint. Only one ModelCheckpoint may own ``save_last``
+
+class SaveLastCheckpoint(Callback):
+    """Refresh ``last.ckpt`` when fitting ends (``max_time``/``max_steps``/``max_epochs``) and on Ctrl-C, so a resume
+    never repeats the steps done since the last periodic checkpoint. Only one ModelCheckpoint may own ``save_last``
     (two would write ``last-v1.ckpt``), hence this separate callback."""
 
     def __init__(self, path: Path):
@@ -40,6 +54,10 @@ class SaveLastOnTrainEnd(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.save_checkpoint(str(self.path))
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            trainer.save_checkpoint(str(self.path))
+
 
 def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: list | None = None) -> pl.Trainer:
     """A ``pl.Trainer`` writing to ``tc.out_dir`` (``checkpoints/``, ``csv/``, ``tb/``)."""
@@ -47,10 +65,11 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
     ckpt_dir = out / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=tc.ckpt_every_n_steps,
-                        save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False),
+                        save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False,
+                        enable_version_counter=False),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1,
-                        auto_insert_metric_name=False),
-        SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
+                        auto_insert_metric_name=False, enable_version_counter=False),
+        SaveLastCheckpoint(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(),
         RichProgressBar(),
         *(extra_callbacks or []),
@@ -73,6 +92,60 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
 
 
 def resume_path(tc: TrainerConfig) -> str | None:
-    """``out_dir/checkpoints/last.ckpt`` if it exists (training resumes from it), else None."""
-    last = Path(tc.out_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    """The checkpoint in ``out_dir/checkpoints`` with the highest global step (``last.ckpt`` on a tie), or None.
+
+    Every ``*.ckpt`` there is considered (``last.ckpt``, periodic ``stepN.ckpt``, ``best.ckpt``), so a stale
+    ``last.ckpt`` never sends a run back. The step is read from the file (``weights_only=True``).
+
+    Raises:
+        DiffgenError: a checkpoint there cannot be read (truncated, corrupt, not a Lightning checkpoint).
+    """
+    folder = Path(tc.out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    best: tuple[int, int, Path] | None = None
+    for path in folder.glob("*.ckpt"):
+        step = read_lightning(path).get("global_step")
+        if not isinstance(step, int):
+            raise DiffgenError(f"cannot resume from {path}: it holds no global_step (not a Lightning checkpoint)")
+        key = (step, path.name == "last.ckpt", path)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else str(best[2])
+
+
+def check_resumable(task: pl.LightningModule, path: str) -> None:
+    """Raise a one-line DiffgenError if the weights in checkpoint ``path`` do not fit ``task`` (e.g. another model
+    size in the config than the run was started with). The weights are loaded into ``task`` (as resuming will)."""
+    state = read_lightning(Path(path)).get("state_dict")
+    if not isinstance(state, dict):
+        raise DiffgenError(f"cannot resume from {path}: it holds no state_dict")
+    try:
+        task.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DiffgenError(f"cannot resume from {path}: it does not fit the configured model ({first_line(exc)}); "
+                           "use the run's own config or another --out-dir") from None
+
+
+def fit(task: pl.LightningModule, datamodule: pl.LightningDataModule, tc: TrainerConfig,
+        monitor: str = "val/loss", init: Callable[[pl.LightningModule], None] | None = None) -> pl.Trainer:
+    """Train ``task`` on ``datamodule``: resume from the newest checkpoint in ``tc.out_dir`` if there is one, else call
+    ``init(task)`` (e.g. load starting weights) and start fresh.
+
+    Raises:
+        DiffgenError: unreadable checkpoint or one that does not fit ``task`` (before any training step).
+        KeyboardInterrupt: Ctrl-C during training, after ``last.ckpt`` was saved at the current step.
+    """
+    ckpt = resume_path(tc)
+    if ckpt is not None:
+        check_resumable(task, ckpt)
+    elif init is not None:
+        init(task)
+    trainer = make_trainer(tc, monitor=monitor)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) after the on_exception hooks ran
+            raise KeyboardInterrupt from None
+        raise
+    return trainer

@@ -88,16 +88,18 @@ class PairsDataModule(pl.LightningDataModule):
 
 
 def train_dynamics(cfg: DynamicsConfig) -> DynamicsTask:
-    """Train (or resume from ``cfg.trainer.out_dir/checkpoints/last.ckpt``) the dynamics model."""
-    from diffgen.tasks.trainer import make_trainer, resume_path
+    """Train (or resume from the newest checkpoint in ``cfg.trainer.out_dir``) the dynamics model
+    (:func:`diffgen.tasks.trainer.fit`); ``optim.init_from`` gives starting weights for a fresh run."""
+    from diffgen.tasks.trainer import fit
 
     dm = PairsDataModule(cfg)  # validates the data (frames, shapes) before anything is printed
     pl.seed_everything(cfg.trainer.seed, workers=True)
     task = DynamicsTask(cfg.to_dict())
-    if cfg.optim.init_from is not None and resume_path(cfg.trainer) is None:
+
+    def init(t: DynamicsTask) -> None:
         from diffgen.tasks.dynamics.common import load_model
 
-        task.model.load_state_dict(load_model(cfg.optim.init_from)[0].state_dict())
-    trainer = make_trainer(cfg.trainer)
-    trainer.fit(task, datamodule=dm, ckpt_path=resume_path(cfg.trainer))
+        t.model.load_state_dict(load_model(cfg.optim.init_from)[0].state_dict())
+
+    fit(task, dm, cfg.trainer, init=None if cfg.optim.init_from is None else init)
     return task

@@ -131,18 +131,17 @@ def ema_with_warmup(decay: float):
 
 
 def train_generation(cfg: GenerationConfig) -> GenerationTask:
-    """Train (or resume, if ``cfg.trainer.out_dir/checkpoints/last.ckpt`` exists) the generator on QM9.
+    """Train (or resume from the newest checkpoint in ``cfg.trainer.out_dir``) the generator on QM9
+    (:func:`diffgen.tasks.trainer.fit`); ``optim.init_from`` gives starting weights for a fresh run.
 
     Returns the trained task; the best/last checkpoints are in ``cfg.trainer.out_dir/checkpoints``.
     """
     from diffgen.data.datamodule import QM9DataModule
-    from diffgen.tasks.trainer import make_trainer, resume_path
+    from diffgen.tasks.trainer import fit
 
     pl.seed_everything(cfg.trainer.seed, workers=True)
     dm = QM9DataModule(cfg.data.root, cfg.data.batch_size, cfg.data.remove_h, cfg.data.num_workers, cfg.data.subset)
     task = GenerationTask(cfg.to_dict(), dm.node_histogram().tolist())
-    if cfg.optim.init_from is not None and resume_path(cfg.trainer) is None:
-        task.init_weights_from(cfg.optim.init_from)
-    trainer = make_trainer(cfg.trainer)
-    trainer.fit(task, datamodule=dm, ckpt_path=resume_path(cfg.trainer))
+    init = None if cfg.optim.init_from is None else (lambda t: t.init_weights_from(cfg.optim.init_from))
+    fit(task, dm, cfg.trainer, init=init)
     return task

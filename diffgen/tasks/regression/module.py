@@ -169,21 +169,21 @@ class RegressionTask(pl.LightningModule):
 
 
 def train_regression(cfg: RegressionConfig) -> RegressionTask:
-    """Train (or resume from ``cfg.trainer.out_dir/checkpoints/last.ckpt``) a regressor on QM9.
+    """Train (or resume from the newest checkpoint in ``cfg.trainer.out_dir``) a regressor on QM9
+    (:func:`diffgen.tasks.trainer.fit`).
 
     Mean/MAD are computed on the training split actually used (``cfg.data.subset`` half if set).
     Checkpoints (best by ``val/loss``, last, periodic) land in ``cfg.trainer.out_dir/checkpoints``.
     """
     from diffgen.data.datamodule import QM9DataModule
-    from diffgen.tasks.trainer import make_trainer, resume_path
+    from diffgen.tasks.trainer import fit
 
     pl.seed_everything(cfg.trainer.seed, workers=True)
     d = cfg.data
     dm = QM9DataModule(d.root, d.batch_size, remove_h=False, num_workers=d.num_workers, subset=d.subset)
     dm.setup()
     task = RegressionTask(cfg.to_dict(), target_stats(dm.train_set, cfg.task.targets))
-    trainer = make_trainer(cfg.trainer, monitor="val/loss")
-    trainer.fit(task, datamodule=dm, ckpt_path=resume_path(cfg.trainer))
+    fit(task, dm, cfg.trainer, monitor="val/loss")
     return task
 
 

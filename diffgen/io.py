@@ -249,6 +249,8 @@ def _read_sdf(path: Path) -> list[Molecule]:
             except DiffgenError as exc:
                 raise _error(f"{path}: SDF record {k}: {exc}") from None
             out.append((z, pos))
+        if len(out) < len(supplier):  # RDKit's iterator silently drops an unparsable last record
+            raise _error(f"{path}: SDF record {len(out) + 1} of {len(supplier)} (the last) could not be parsed by RDKit")
         return out
     finally:
         del block

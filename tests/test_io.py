@@ -251,3 +251,15 @@ def test_sdf_unsupported_element(tmp_path):
     with pytest.raises(DiffgenError) as e:
         read_molecules(path)
     assert_single_line_error(e, "record 1", "unsupported element 'S'")
+
+
+@pytest.mark.parametrize("tail", ["garbage line\nmore garbage\n", "x"])
+def test_sdf_garbage_last_record_is_reported_not_dropped(tmp_path, tail):
+    good = tmp_path / "good.sdf"
+    write_sdf(good, molecules()[:2])
+    path = tmp_path / "tail.sdf"
+    path.write_text(good.read_text() + tail)  # RDKit's iterator would silently yield only the 2 good records
+    with pytest.raises(DiffgenError) as e:
+        read_molecules(path)
+    assert_single_line_error(e, "record 3 of 3", "could not be parsed")
+    assert len(read_molecules(good)) == 2

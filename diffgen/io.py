@@ -229,6 +229,7 @@ def _read_sdf(path: Path) -> list[Molecule]:
             supplier = Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False)
         except OSError as exc:
             raise _error(f"cannot read {path}: {exc}") from None
+        n_records = len(supplier)  # counted before iterating: afterwards RDKit reports only the records it yielded
         out: list[Molecule] = []
         for k, mol in enumerate(supplier, start=1):
             if mol is None:
@@ -249,8 +250,8 @@ def _read_sdf(path: Path) -> list[Molecule]:
             except DiffgenError as exc:
                 raise _error(f"{path}: SDF record {k}: {exc}") from None
             out.append((z, pos))
-        if len(out) < len(supplier):  # RDKit's iterator silently drops an unparsable last record
-            raise _error(f"{path}: SDF record {len(out) + 1} of {len(supplier)} (the last) could not be parsed by RDKit")
+        if len(out) < n_records:  # RDKit's iterator silently drops an unparsable last record
+            raise _error(f"{path}: SDF record {len(out) + 1} of {n_records} (the last) could not be parsed by RDKit")
         return out
     finally:
         del block

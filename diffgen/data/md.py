@@ -77,7 +77,7 @@ def _openmm():
         import openmm
         from openmm import app, unit
     except ImportError:
-        raise DiffgenError("OpenMM is not installed: pip install 'openmm>=8.1'") from None
+        raise DiffgenError("OpenMM is not installed: pip install 'diffgen[md]' (or 'openmm>=8.1')") from None
     return openmm, app, unit
 
 

@@ -40,8 +40,7 @@ class VelocityEGNNDynamics(nn.Module):
             (``pool_layers`` cluster EGNN layers) moves atoms by their clusters' displacements, and a final
             1-layer atom EGNN (``refine``, charges as edge features, no velocity) refines the positions; its
             coordinate shift is averaged over the ``n - 1`` neighbours (EGNN's ``C = 1/|N(i)|``), so it is at most
-            ``coords_range`` and cannot undo the backbone wholesale (with a sum, 21 saturated gates on alanine
-            dipeptide could move an atom by 210 Å, and training drifted into such states).
+            ``coords_range`` and cannot undo the backbone wholesale (benchmarks/results/dynamics.md, "Design notes").
             ``forward(..., return_reg=True)`` then also returns the assignment regulariser
             (:func:`~diffgen.models.eghn.assignment_regulariser`, a scalar tensor with gradient) to be added to the
             loss with a weight.

@@ -22,9 +22,8 @@ E-UnPool (back to the atoms, through the same assignment):
 
 Centring on ``c`` before the weighted mean makes ``Z_k`` exactly translation-equivariant even when a
 cluster's mass is clamped (``m_k >= 1e-6``); EGHN's reference code divides uncentred sums instead. The
-LayerNorm (not in the paper) keeps the logits O(1) at initialisation: the velocity-aware backbone's raw
-features reach O(100) on MD data (``|v|`` up to ~70 Å/ps), which saturated the softmax from the first step,
-left clusters empty and (before the EGNN guard against coincident nodes) gave NaN gradients.
+LayerNorm (not in the paper) keeps the assignment logits O(1) at initialisation whatever the scale of the
+backbone's features (why it was needed: benchmarks/results/dynamics.md, "Design notes").
 Simplifications against the paper: the atom- and cluster-level message passing is the plain
 (velocity-aware) EGNN of this package, not EGHN's multi-channel EMMP, and the assignment MLP reads the
 backbone's atom features rather than a separate pooling network.

@@ -358,3 +358,21 @@ def test_cli_missing_checkpoint(tmp_path):
     xyz = tmp_path / "w.xyz"
     xyz.write_text("3\nwater\nO 0 0 0.12\nH 0.76 0 -0.47\nH -0.76 0 -0.47\n")
     assert_one_line_error(run_cli("predict", xyz, "--checkpoint", tmp_path / "nope.safetensors"), "not found")
+
+
+def test_cli_export_writes_a_loadable_file_and_never_overwrites(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffgen.cli import app
+
+    task = tiny_task(stats={"mean": [6800.0], "mad": [1000.0]}, seed=6)
+    ckpt = _lightning_checkpoint(task, tmp_path / "best.ckpt")
+    out = tmp_path / "gap.safetensors"
+    res = CliRunner().invoke(app, ["regress", "export", str(ckpt), str(out), "--fp16"])
+    assert res.exit_code == 0, res.output
+    model, _ = load(out)
+    assert model.graph_mlp[-1].weight.dtype == torch.float32 and torch.equal(model.mad, task.model.mad)
+    torch.testing.assert_close(model.graph_mlp[-1].weight, task.model.graph_mlp[-1].weight, rtol=1e-3, atol=1e-4)
+    before = out.read_bytes()
+    assert_one_line_error(run_cli("export", ckpt, out), "already exists")
+    assert out.read_bytes() == before

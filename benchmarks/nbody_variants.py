@@ -1,6 +1,6 @@
 """N-body model variants on an equal epoch budget: a plain PyTorch loop for quick comparisons.
 
-Same data (``diffgen.tasks.dynamics.common.pairs_dataset``), model builder, MSE loss, Adam, batch 100 and
+Same data (``diffgen.tasks.dynamics.data.pairs_dataset``), model builder, MSE loss, Adam, batch 100 and
 gradient clipping as ``diffgen dynamics train``, without Lightning; the validation MSE is computed every 5
 epochs and the test MSE of the weights with the best validation MSE is reported at the end. Use it to compare model settings; train the kept setting with the CLI
 (checkpoints, resume, test evaluation).
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from diffgen.tasks.dynamics.checkpoints import build_model
 from diffgen.tasks.dynamics.config import load_dynamics_config
-from diffgen.tasks.dynamics.common import build_model, evaluate_pairs, pairs_dataset
+from diffgen.tasks.dynamics.data import pairs_dataset
+from diffgen.tasks.dynamics.evaluate import evaluate_pairs
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The `diffgen dynamics` CLI: train, evaluate and predict on stand-in caches, one-line errors."""
+"""The `diffgen dynamics` CLI: train, evaluate, predict and export on stand-in caches, one-line errors."""
 from __future__ import annotations
 
 import json
@@ -55,6 +55,21 @@ def test_cli_train_evaluate_and_bad_input(tmp_path):
     lines = xyz.read_text().splitlines()
     assert len(lines) == 3 * 7 and lines[0] == "5" and lines[1] == "input frame 30"
     _one_line_error(run_cli("dynamics", "predict", "--checkpoint", str(ckpt), "--out", str(xyz)), "exists")
+    # the exported safetensors evaluates and predicts exactly as the Lightning checkpoint (fp32 weights)
+    exported = tmp_path / "nbody.safetensors"
+    res = runner.invoke(app, ["dynamics", "export", str(ckpt), str(exported)], env=env)
+    assert res.exit_code == 0, res.output
+    assert exported.stat().st_size < ckpt.stat().st_size  # no optimizer state
+    res = runner.invoke(app, ["dynamics", "evaluate", "--checkpoint", str(exported), "--json",
+                              str(tmp_path / "m2.json")], env={**env, "COLUMNS": "160"})
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m2.json").read_text())["mse"] == json.loads((tmp_path / "m.json").read_text())["mse"]
+    res = runner.invoke(app, ["dynamics", "predict", "--checkpoint", str(exported), "--out", str(tmp_path / "p2.xyz"),
+                              "--index", "2"], env=env)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p2.xyz").read_text() == xyz.read_text()
+    _one_line_error(run_cli("dynamics", "export", str(ckpt), str(exported)), "already exists")
+    _one_line_error(run_cli("dynamics", "export", str(ckpt), str(tmp_path / "nbody.pt")), "must end in .safetensors")
     # missing frames (trajectories have 50 frames)
     _one_line_error(run_cli("dynamics", "train", "--out-dir", str(tmp_path / "bad"), *tiny, "data.frame_out=60",
                             env_extra=env), "frame 60 missing")

@@ -81,7 +81,7 @@ def test_alanine_dipeptide_md_is_reproducible_and_split_by_run(tmp_path):
     pytest.importorskip("openmm")
     from diffgen.data.md import MDSettings, run_path, save_run, simulate_run, system_info
     from diffgen.tasks.dynamics.config import dynamics_config_from_dict
-    from diffgen.tasks.dynamics.common import pairs_dataset
+    from diffgen.tasks.dynamics.data import pairs_dataset
 
     info = system_info()  # the shipped PDB loads with amber99sbildn + OBC
     assert info["types"].shape == (22,) and abs(info["charges"].sum()) < 1e-6

@@ -74,7 +74,7 @@ def test_vector_channels_read_relative_motion():
 
 
 def test_tiny_model_beats_identity_baseline():
-    from diffgen.tasks.dynamics.module import evaluate_pairs
+    from diffgen.tasks.dynamics.evaluate import evaluate_pairs
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -227,7 +227,7 @@ def test_invalid_pooling_settings_give_one_line_errors():
 
 def test_task_adds_weighted_regulariser_and_old_checkpoints_load(tmp_path):
     from diffgen.tasks.dynamics.module import DynamicsTask
-    from diffgen.tasks.dynamics.common import build_model, load_model
+    from diffgen.tasks.dynamics.checkpoints import build_model, load
 
     cfg = dynamics_config_from_dict({"model": {"hidden": 8, "n_layers": 1, "pool_clusters": 2,
                                                "pool_reg_weight": 0.5}})
@@ -249,7 +249,7 @@ def test_task_adds_weighted_regulariser_and_old_checkpoints_load(tmp_path):
     model = build_model(dynamics_config_from_dict(old_cfg))
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": {"config": old_cfg}, "state_dict": state}, tmp_path / "old.ckpt")
-    loaded, loaded_cfg = load_model(tmp_path / "old.ckpt")
+    loaded, loaded_cfg = load(tmp_path / "old.ckpt")
     assert loaded_cfg.model.pool_clusters == 0 and loaded(*batch[:3], return_reg=True)[1] is None
     assert isinstance(loaded.backbone, EGNN) and not hasattr(loaded, "pool")
 

@@ -80,8 +80,8 @@ def test_same_seed_gives_the_pre_split_weights_in_the_pre_split_order(refs):
 
 def test_pre_split_lightning_dynamics_checkpoint_loads(tmp_path):
     """A Lightning checkpoint of a dynamics run written before the split (flat layer names, as the ongoing runs
-    write them) loads through ``load_model`` and predicts as the model it was saved from."""
-    from diffgen.tasks.dynamics.common import build_model, load_model
+    write them) loads through ``load`` and predicts as the model it was saved from."""
+    from diffgen.tasks.dynamics.checkpoints import build_model, load
     from diffgen.tasks.dynamics.config import dynamics_config_from_dict
 
     cfg = dynamics_config_from_dict({"model": {"hidden": 8, "n_layers": 2, "vector_channels": 2,
@@ -91,7 +91,7 @@ def test_pre_split_lightning_dynamics_checkpoint_loads(tmp_path):
     old_state = {f"model.{pre_split_name(k)}": v for k, v in model.state_dict().items()}
     assert any(".layers.0.coord_mlp." in k for k in old_state)
     torch.save({"hyper_parameters": {"config": cfg.to_dict()}, "state_dict": old_state}, tmp_path / "old.ckpt")
-    loaded, _ = load_model(tmp_path / "old.ckpt")
+    loaded, _ = load(tmp_path / "old.ckpt")
     g = torch.Generator().manual_seed(1)
     args = (torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.ones(2, 5))
     with torch.no_grad():

@@ -1,4 +1,7 @@
-"""Helpers shared by the CLI commands: threads, devices, progress bars, splits, output guards, JSON.
+"""Helpers shared by the CLI commands: threads, devices, progress bars, splits, the output guard, JSON.
+
+The output guard :func:`check_writable` is :func:`diffgen.checkpoint_files.check_writable` (one guard for the
+exports and the CLI), re-exported here.
 
 Every check here runs **before** long work starts and raises :class:`~diffgen.errors.DiffgenError` with one line;
 :func:`diffgen.cli.main` prints it as ``error: ...`` and exits with code 2.
@@ -11,6 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from diffgen.checkpoint_files import check_writable  # noqa: F401 - the one output guard, re-exported for the CLI
 from diffgen.errors import DiffgenError
 
 console = Console(stderr=True)
@@ -70,27 +74,6 @@ def check_device(device: str) -> str:
             raise DiffgenError(f"--device {device} requested but MPS is not available on this machine")
         return device
     raise DiffgenError(f"unsupported --device {device!r}: use cpu, cuda, cuda:N or mps")
-
-
-def check_writable(path: Path, overwrite: bool = False, suffixes: tuple[str, ...] | None = None) -> Path:
-    """Check, before any work, that ``path`` can be written: its folder exists, it is not a folder, it does not
-    exist unless ``overwrite``, and its suffix is one of ``suffixes`` (if given).
-
-    Raises:
-        DiffgenError: any of the above fails.
-    """
-    path = Path(path)
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise DiffgenError(f"{path} must end in {' or '.join(suffixes)}")
-    if path.is_dir():
-        raise DiffgenError(f"{path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise DiffgenError(f"cannot write {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise DiffgenError(f"cannot write {path}: folder {path.parent} is not writable")
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise DiffgenError(f"{path} already exists; pass --overwrite to replace it")
-    return path
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,4 +1,4 @@
-"""``diffgen dynamics``: predict how a 3D system moves (simulate, train, evaluate, predict).
+"""``diffgen dynamics``: predict how a 3D system moves (simulate, train, evaluate, predict, export).
 
 Data sets: the N-body charged-particle benchmark of Satorras et al. 2021 (simulator of Kipf et al. 2018)
 and alanine-dipeptide trajectories simulated with OpenMM (:mod:`diffgen.data.md`).
@@ -26,8 +26,6 @@ dynamics_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_ex
                                 "and alanine dipeptide MD (OpenMM).")
 
 DEFAULT_CONFIG = "nbody_egnn"  # packaged config (diffgen/configs)
-
-
 
 
 @dynamics_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -60,7 +58,8 @@ def train(
 
 @dynamics_app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="Lightning .ckpt from `diffgen dynamics train` (use best.ckpt)."),
+    checkpoint: Path = typer.Option(..., help="Lightning .ckpt from `diffgen dynamics train` (use best.ckpt) or a "
+                                    ".safetensors from `diffgen dynamics export`."),
     split: str = typer.Option("test", help="Split: test, valid or train."),
     data: Optional[Path] = typer.Option(None, help="Evaluate on this trajectory .npz instead (loc, vel [B, F, n, 3], "
                                         "charges [B, n]) with the checkpoint's frames."),
@@ -80,25 +79,17 @@ def evaluate(
 
         traj = load_trajectories(data)  # validated before torch is imported
     set_threads(threads)
-    import numpy as np
-    import torch
-    from torch.utils.data import TensorDataset
+    from diffgen.tasks.dynamics.checkpoints import load
+    from diffgen.tasks.dynamics.data import pairs_dataset, trajectory_pairs
+    from diffgen.tasks.dynamics.evaluate import REFERENCE_NBODY_MSE, evaluate_pairs
 
-    from diffgen.tasks.dynamics.common import REFERENCE_NBODY_MSE, evaluate_pairs, load_model, pairs_dataset
-
-    model, cfg = load_model(checkpoint)
+    model, cfg = load(checkpoint)
     if traj is not None and cfg.model.n_types:
         raise DiffgenError("--data supports N-body style models only (this checkpoint needs atom types)")
     if traj is not None:
-        from diffgen.data.nbody import frame_pairs
-
-        p = frame_pairs(traj, cfg.data.frame_in, cfg.data.frame_out, name=str(data))
-        ds = TensorDataset(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-                             for a in (p.pos, p.vel, p.charges, p.target)))
-        name = str(data)
+        ds, name = trajectory_pairs(traj, cfg, str(data)), str(data)
     else:
-        ds = pairs_dataset(cfg, split)
-        name = f"{cfg.data.dataset} {split}"
+        ds, name = pairs_dataset(cfg, split), f"{cfg.data.dataset} {split}"
     start = time.perf_counter()
     mse = evaluate_pairs(model, ds)
     seconds = time.perf_counter() - start
@@ -118,8 +109,8 @@ def evaluate(
         lag_ps = (cfg.data.frame_out - cfg.data.frame_in) * cfg.data.md_frame_ps
         table.title = f"{name}: {n} frame pairs, {lag_ps:g} ps ahead, position MSE in Å^2 ({seconds:.1f} s)"
     if cfg.data.dataset == "nbody" and (cfg.data.frame_in, cfg.data.frame_out) == (30, 40) and data is None:
-        for model, value in REFERENCE_NBODY_MSE.items():
-            table.add_row(model, f"{value:.4f}", "Satorras et al. 2021, Table 2")
+        for reference, value in REFERENCE_NBODY_MSE.items():
+            table.add_row(reference, f"{value:.4f}", "Satorras et al. 2021, Table 2")
     out_console.print(table)
     if json_out is not None:
         write_json(json_out, {"data": name, "n_trajectories": n, "checkpoint": str(checkpoint),
@@ -154,18 +145,10 @@ def simulate(
                       f"({seconds:.1f} s)", markup=False, highlight=False, soft_wrap=True)
 
 
-def _write_xyz(path: Path, symbols: list[str], frames, comments: list[str]) -> None:
-    lines = []
-    for xyz, comment in zip(frames, comments):
-        lines.append(str(len(symbols)))
-        lines.append(comment)
-        lines.extend(f"{s:<2s} {x:12.5f} {y:12.5f} {z:12.5f}" for s, (x, y, z) in zip(symbols, xyz.tolist()))
-    path.write_text("\n".join(lines) + "\n")
-
-
 @dynamics_app.command()
 def predict(
-    checkpoint: Path = typer.Option(..., help="Lightning .ckpt from `diffgen dynamics train`."),
+    checkpoint: Path = typer.Option(..., help="Lightning .ckpt from `diffgen dynamics train` or a .safetensors from "
+                                    "`diffgen dynamics export`."),
     out: Path = typer.Option(..., help="Multi-frame .xyz to write (plays in VMD, PyMOL, ASE, Ovito)."),
     split: str = typer.Option("test", help="Split to take the trajectory from: test, valid or train."),
     index: int = typer.Option(0, help="Trajectory (N-body) or run (MD) index inside the split."),
@@ -183,39 +166,27 @@ def predict(
     if not checkpoint.is_file():
         raise DiffgenError(f"checkpoint not found: {checkpoint}")
     set_threads(threads)
+    from diffgen.tasks.dynamics.checkpoints import load
+    from diffgen.tasks.dynamics.predict import predict_frames, write_xyz_frames
+
+    model, cfg = load(checkpoint)
+    pred = predict_frames(model, cfg, split, index)
+    write_xyz_frames(out, pred.symbols, pred.frames, pred.comments)
+    out_console.print(f"wrote {out}: {pred.summary}")
+
+
+@dynamics_app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen dynamics train` (or a .safetensors)."),
+    out: Path = typer.Argument(..., help="Output .safetensors (weights; metadata: config)."),
+    fp16: bool = typer.Option(False, help="Store the weights as fp16 instead of fp32."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """Export a dynamics checkpoint to a small self-contained safetensors file (evaluate/predict read it)."""
+    check_writable(out, overwrite, (".safetensors",))
     import torch
 
-    from diffgen.tasks.dynamics.common import load_model, pairs_dataset
+    from diffgen.tasks.dynamics.checkpoints import export as export_checkpoint
 
-    model, cfg = load_model(checkpoint)
-    pos, vel, charges, target, types = pairs_dataset(cfg, split).tensors
-    if cfg.data.dataset == "nbody":
-        if not 0 <= index < pos.shape[0]:
-            raise DiffgenError(f"--index {index} out of range: the {split} split has {pos.shape[0]} trajectories")
-        sl = slice(index, index + 1)
-        with torch.no_grad():
-            pred = model(pos[sl], vel[sl], charges[sl], types[sl])[0]
-        symbols = ["Na" if q > 0 else "Cl" for q in charges[index].tolist()]
-        f_in, f_out = cfg.data.frame_in, cfg.data.frame_out
-        mse = float((pred - target[index]).pow(2).mean())
-        _write_xyz(out, symbols, [pos[index], pred, target[index]],
-                   [f"input frame {f_in}", f"predicted frame {f_out} (MSE {mse:.5f})", f"true frame {f_out}"])
-        out_console.print(f"wrote {out}: trajectory {index} of {split}, frames {f_in} -> {f_out}, MSE {mse:.5f}")
-        return
-    from diffgen.data.md import ELEMENTS
-
-    per_run = cfg.data.md_frames - (cfg.data.frame_out - cfg.data.frame_in)
-    n_runs = pos.shape[0] // per_run
-    if not 0 <= index < n_runs:
-        raise DiffgenError(f"--index {index} out of range: the {split} split has {n_runs} runs")
-    sl = slice(index * per_run, (index + 1) * per_run)
-    with torch.no_grad():
-        pred = torch.cat([model(pos[sl][k:k + 100], vel[sl][k:k + 100], charges[sl][k:k + 100], types[sl][k:k + 100])
-                          for k in range(0, per_run, 100)])
-    err = (pred - target[sl]).pow(2).mean(dim=(1, 2))
-    symbols = [ELEMENTS[t] for t in types[sl][0].tolist()]
-    lag_ps = (cfg.data.frame_out - cfg.data.frame_in) * cfg.data.md_frame_ps
-    _write_xyz(out, symbols, pred, [f"prediction of t = {(k * cfg.data.md_frame_ps) + lag_ps:g} ps from t = "
-                                    f"{k * cfg.data.md_frame_ps:g} ps (MSE {float(e):.4f} A^2)"
-                                    for k, e in enumerate(err)])
-    out_console.print(f"wrote {out}: {per_run} predicted frames of {split} run {index}, mean MSE {float(err.mean()):.4f} Å^2")
+    path = export_checkpoint(checkpoint, out, dtype=torch.float16 if fp16 else torch.float32, overwrite=overwrite)
+    out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -154,14 +154,14 @@ def sample(
     from diffgen.eval.chem import GenerationMetrics
     from diffgen.io import write_sdf, write_xyz
     from diffgen.tasks.generation.build import sample_molecules
-    from diffgen.tasks.generation.checkpoints import load_generator
+    from diffgen.tasks.generation.checkpoints import load
 
     check_positive("--n", n)
     check_positive("--steps", steps)
     check_positive("--batch-size", batch_size)
     check_device(device)
     get_sampler(sampler)  # validate the name before loading anything
-    gen = load_generator(checkpoint, device=device)
+    gen, _ = load(checkpoint, device=device)
     check_sampling_budget(n, steps, batch_size, hidden=gen.config.model.hidden)
     out_dir = _make_out_dir(out, overwrite)
     sdf_path, xyz_path, json_path = (out_dir / name for name in OUTPUT_FILES)
@@ -260,13 +260,13 @@ def export(
     bf16: bool = typer.Option(False, help="Store bf16 instead of fp16."),
 ):
     """Export the EMA weights of a training checkpoint to a small safetensors file."""
-    import torch
-
-    from diffgen.tasks.generation.checkpoints import export_generator
-
     check_writable(out, overwrite, (".safetensors",))
     check_writable(out.with_suffix(".yaml"), overwrite)
-    path = export_generator(checkpoint, out, dtype=torch.bfloat16 if bf16 else torch.float16, overwrite=overwrite)
+    import torch
+
+    from diffgen.tasks.generation.checkpoints import export as export_checkpoint
+
+    path = export_checkpoint(checkpoint, out, dtype=torch.bfloat16 if bf16 else torch.float16, overwrite=overwrite)
     out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

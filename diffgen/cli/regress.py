@@ -86,11 +86,11 @@ def evaluate(
         check_writable(json_out, overwrite, (".json",))
     set_threads(threads)
     from diffgen.data.qm9 import QM9
-    from diffgen.tasks.regression.checkpoints import load_regressor
-    from diffgen.tasks.regression.module import evaluate_dataset
+    from diffgen.tasks.regression.checkpoints import load
+    from diffgen.tasks.regression.predict import evaluate_dataset
     from diffgen.tasks.regression.targets import REFERENCE_MAE
 
-    model = load_regressor(checkpoint, device=device)
+    model, _ = load(checkpoint, device=device)
     ds = QM9(split=split)
     if limit is not None:
         ds = ds[: min(limit, len(ds))]
@@ -153,11 +153,11 @@ def predict(
     molecules = read_molecules(file)  # validates the file before the model is loaded
     _check_domain(molecules, file)
     set_threads(threads)
-    from diffgen.tasks.regression.checkpoints import load_regressor
-    from diffgen.tasks.regression.module import predict as run_predict
+    from diffgen.tasks.regression.checkpoints import load
+    from diffgen.tasks.regression.predict import predict as run_predict
     from diffgen.tasks.regression.targets import column_name
 
-    model = load_regressor(checkpoint, device=device)
+    model, _ = load(checkpoint, device=device)
     values = run_predict(model, molecules, batch_size=batch_size)
     bad = [k for k, row in enumerate(values, start=1) if not all(map(math.isfinite, row))]
     if bad:
@@ -178,14 +178,15 @@ def predict(
 @regress_app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen regress train` (or a .safetensors)."),
-    out: Path = typer.Argument(..., help="Output .safetensors (weights + metadata: config, targets, units, mean/MAD)."),
+    out: Path = typer.Argument(..., help="Output .safetensors (weights and mean/MAD; metadata: config, targets, units)."),
     fp16: bool = typer.Option(False, help="Store the weights as fp16 instead of fp32."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ):
     """Export a regression checkpoint to a small self-contained safetensors file."""
+    check_writable(out, overwrite, (".safetensors",))
     import torch
 
-    from diffgen.tasks.regression.checkpoints import export_regressor
+    from diffgen.tasks.regression.checkpoints import export as export_checkpoint
 
-    path = export_regressor(checkpoint, out, dtype=torch.float16 if fp16 else torch.float32, overwrite=overwrite)
+    path = export_checkpoint(checkpoint, out, dtype=torch.float16 if fp16 else torch.float32, overwrite=overwrite)
     out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -11,8 +11,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from diffgen.tasks.dynamics.checkpoints import build_model
 from diffgen.tasks.dynamics.config import DynamicsConfig, dynamics_config_from_dict
-from diffgen.tasks.dynamics.common import REFERENCE_NBODY_MSE, build_model, evaluate_pairs, pairs_dataset  # noqa: F401
+from diffgen.tasks.dynamics.data import pairs_dataset
 
 
 class DynamicsTask(pl.LightningModule):
@@ -97,9 +98,9 @@ def train_dynamics(cfg: DynamicsConfig) -> DynamicsTask:
     task = DynamicsTask(cfg.to_dict())
 
     def init(t: DynamicsTask) -> None:
-        from diffgen.tasks.dynamics.common import load_model
+        from diffgen.tasks.dynamics.checkpoints import load
 
-        t.model.load_state_dict(load_model(cfg.optim.init_from)[0].state_dict())
+        t.model.load_state_dict(load(cfg.optim.init_from)[0].state_dict())
 
     fit(task, dm, cfg.trainer, init=None if cfg.optim.init_from is None else init)
     return task

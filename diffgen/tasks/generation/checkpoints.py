@@ -1,8 +1,10 @@
 """Generator checkpoints: Lightning ``.ckpt`` files from training and shipped ``.safetensors`` weights.
 
-A shipped checkpoint is a safetensors file of the EMA weights of a :class:`~diffgen.diffusion.vp.VPDiffusion`
-(fp16 by default, loaded back as fp32) whose metadata carries the training config and the
-training atom-count histogram, so sampling needs neither the dataset nor the training run.
+The task's side of the contract of :mod:`diffgen.checkpoint_files`: :func:`load` gives ``(Generator, GenerationConfig)``,
+:func:`export` writes a safetensors file. An export holds the EMA weights of a
+:class:`~diffgen.diffusion.vp.VPDiffusion` (fp16 by default, loaded back as fp32) and, as metadata,
+``format = diffgen-generator-v1``, ``config`` (JSON) and ``node_histogram`` (JSON list: the training atom-count
+histogram), so sampling needs neither the dataset nor the training run. A YAML copy of the config is written beside it.
 """
 from __future__ import annotations
 
@@ -12,19 +14,23 @@ from pathlib import Path
 
 import torch
 
-from diffgen.checkpoint_files import PRETRAINED_DIR, first_line, read_lightning, read_safetensors, write_safetensors
-from diffgen.tasks.generation.config import GenerationConfig, config_from_dict
+from diffgen.checkpoint_files import (
+    PRETRAINED_DIR, check_writable, existing_checkpoint, export_tensors, lightning_parts, load_weights,
+    metadata_json, read_safetensors, stored_config, write_safetensors, write_text,
+)
 from diffgen.diffusion.samplers import NodeCountDistribution
 from diffgen.diffusion.vp import VPDiffusion
 from diffgen.errors import DiffgenError
+from diffgen.tasks.generation.config import GenerationConfig, config_from_dict
 
+#: The generator shipped with diffgen (used when no checkpoint is given).
 DEFAULT_CHECKPOINT = PRETRAINED_DIR / "qm9_egnn.safetensors"
-_FORMAT = "diffgen-generator-v1"
+FORMAT = "diffgen-generator-v1"
 
 
 @dataclass
 class Generator:
-    """A loaded generator: the diffusion process (eval mode), its atom-count prior and its config."""
+    """A loaded generator: the diffusion process (eval mode), its atom-count prior, its config and its file."""
 
     diffusion: VPDiffusion
     node_dist: NodeCountDistribution
@@ -32,8 +38,7 @@ class Generator:
     source: Path
 
 
-def _ema_state_from_lightning(ckpt: dict) -> dict[str, torch.Tensor]:
-    state = ckpt["state_dict"]
+def _ema_state_from_lightning(state: dict) -> dict[str, torch.Tensor]:
     prefix = "ema.module."
     ema = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not ema:  # no EMA stored: fall back to the raw weights
@@ -41,66 +46,85 @@ def _ema_state_from_lightning(ckpt: dict) -> dict[str, torch.Tensor]:
     return ema
 
 
-def _read_lightning(path: Path) -> tuple[dict, list[int], dict[str, torch.Tensor]]:
-    ckpt = read_lightning(path)
+def _read(path: Path) -> tuple[dict, list, dict[str, torch.Tensor]]:
+    """``(config dict, node histogram, diffusion state)`` of a ``.safetensors`` export or a Lightning ``.ckpt``."""
+    if path.suffix == ".safetensors":
+        meta, state = read_safetensors(path, FORMAT, "generator")
+        return metadata_json(meta, "config", path, dict), metadata_json(meta, "node_histogram", path, list), state
+    hp, state = lightning_parts(path, "generator", ("config", "node_histogram"))
+    return hp["config"], list(hp["node_histogram"]), _ema_state_from_lightning(state)
+
+
+def _node_distribution(hist: list, path: Path) -> NodeCountDistribution:
     try:
-        hp = ckpt["hyper_parameters"]
-        return hp["config"], list(hp["node_histogram"]), _ema_state_from_lightning(ckpt)
-    except (KeyError, TypeError) as exc:
-        raise DiffgenError(f"{path} is not a diffgen generator checkpoint (missing {exc})") from None
+        return NodeCountDistribution(hist)
+    except (TypeError, ValueError) as exc:
+        raise DiffgenError(f"{path}: invalid node_histogram ({exc})") from None
 
 
-def _read_safetensors(path: Path) -> tuple[dict, list[int], dict[str, torch.Tensor]]:
-    meta, state = read_safetensors(path, _FORMAT, "generator")
-    return json.loads(meta["config"]), json.loads(meta["node_histogram"]), state
-
-
-def load_generator(path: str | Path | None = None, device: str | torch.device = "cpu") -> Generator:
-    """Load a generator from a ``.safetensors`` export or a Lightning ``.ckpt`` (EMA weights are used).
+def load(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[Generator, GenerationConfig]:
+    """Load a generator from a ``.safetensors`` export or a Lightning ``.ckpt`` (whose EMA weights are used).
 
     Args:
         path: checkpoint file; None -> the weights shipped with diffgen (:data:`DEFAULT_CHECKPOINT`).
         device: where to put the model.
 
+    Returns:
+        ``(generator, config)``: the :class:`Generator` (fp32, eval mode, on ``device``) and its config
+        (``generator.config`` too).
+
     Raises:
-        DiffgenError: missing file, unreadable/corrupt file, or weights that do not fit the stored config.
+        DiffgenError: missing, unreadable or foreign file; metadata without ``config``/``node_histogram``, not JSON,
+            or a config that does not validate; weights that do not fit the stored config.
     """
     from diffgen.tasks.generation.build import build_diffusion
 
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
-    if not path.is_file():
-        hint = " (the shipped weights are missing from this installation)" if path == DEFAULT_CHECKPOINT else ""
-        raise DiffgenError(f"checkpoint not found: {path}{hint}")
-    if path.suffix == ".safetensors":
-        cfg_dict, hist, state = _read_safetensors(path)
-    else:
-        cfg_dict, hist, state = _read_lightning(path)
-    cfg = config_from_dict(cfg_dict)
+    path = existing_checkpoint(path, DEFAULT_CHECKPOINT)
+    cfg_dict, hist, state = _read(path)
+    cfg = stored_config(config_from_dict, cfg_dict, path)
+    node_dist = _node_distribution(hist, path)
     diffusion = build_diffusion(cfg)
-    try:
-        diffusion.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as exc:
-        raise DiffgenError(f"checkpoint {path} does not match its config: {first_line(exc)}") from None
-    return Generator(diffusion.to(device).eval(), NodeCountDistribution(hist), cfg, path)
+    load_weights(diffusion, state, path)
+    return Generator(diffusion.to(device).eval(), node_dist, cfg, path), cfg
 
 
-def export_generator(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float16,
-                     overwrite: bool = False) -> Path:
-    """Write the EMA weights of a training checkpoint as safetensors (+ a YAML of its config beside it).
+def load_generator(path: str | Path | None = None, device: str | torch.device = "cpu") -> Generator:
+    """``load(path, device)[0]``: the :class:`Generator` alone (see :func:`load`)."""
+    return load(path, device)[0]
+
+
+def export(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float16,
+           overwrite: bool = False) -> Path:
+    """Write the EMA weights of a training checkpoint (or re-write an export) as safetensors, and the config as YAML
+    beside it (``out_path`` with the suffix ``.yaml``).
+
+    Args:
+        ckpt_path: Lightning ``.ckpt`` from ``diffgen train`` (or a ``.safetensors`` export).
+        out_path: the ``.safetensors`` file to write.
+        dtype: storage type of the floating-point weights (fp16 by default; loaded back as fp32).
+        overwrite: replace ``out_path`` and the YAML beside it if they exist.
+
+    Returns:
+        ``out_path`` as a Path.
 
     Raises:
-        DiffgenError: unreadable checkpoint, or ``out_path`` exists and ``overwrite`` is False.
+        DiffgenError: ``out_path`` does not end in ``.safetensors``, it or its YAML exists and ``overwrite`` is False,
+            its folder does not exist; unreadable or foreign checkpoint, or one whose config does not validate.
     """
     import yaml
 
-    out_path = Path(out_path)
-    for p in (out_path, out_path.with_suffix(".yaml")):
-        if p.exists() and not overwrite:
-            raise DiffgenError(f"{p} exists; pass --overwrite to replace it")
-    cfg_dict, hist, state = _read_lightning(Path(ckpt_path))
-    config_from_dict(cfg_dict)  # validate
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    meta = {"format": _FORMAT, "config": json.dumps(cfg_dict), "node_histogram": json.dumps(hist)}
-    write_safetensors(tensors, meta, out_path)
-    out_path.with_suffix(".yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    out_path = check_writable(out_path, overwrite, (".safetensors",))
+    yaml_path = check_writable(out_path.with_suffix(".yaml"), overwrite)
+    path = existing_checkpoint(ckpt_path)
+    cfg_dict, hist, state = _read(path)
+    cfg = stored_config(config_from_dict, cfg_dict, path)
+    _node_distribution(hist, path)
+    cfg_dict = cfg.to_dict()
+    meta = {"format": FORMAT, "config": json.dumps(cfg_dict), "node_histogram": json.dumps(list(hist))}
+    write_safetensors(export_tensors(state, dtype), meta, out_path)
+    write_text(yaml.safe_dump(cfg_dict, sort_keys=False), yaml_path)
     return out_path
+
+
+#: Former name of :func:`export` (CLI, tests and benchmarks use both).
+export_generator = export

@@ -1,9 +1,14 @@
-"""Regressor checkpoints: Lightning ``.ckpt`` files from ``diffgen regress train`` and shipped ``.safetensors``.
+"""Regressor checkpoints: Lightning ``.ckpt`` files from ``diffgen regress train`` and ``.safetensors`` exports.
 
-A shipped file holds the weights of a :class:`~diffgen.tasks.regression.module.RegressionTask` (fp32 by
-default; fp16 optional, loaded back as fp32) and, as safetensors metadata (JSON strings), the
-training config, target names, reported units and the training mean/MAD, so predicting needs
-neither the dataset nor the training run.
+The task's side of the contract of :mod:`diffgen.checkpoint_files`: :func:`load` gives
+``(PropertyRegressor, RegressionConfig)`` (a plain ``nn.Module``: inference needs no Lightning), :func:`export` writes
+a safetensors file.
+
+An export (``format = diffgen-regressor-v2``) holds the :class:`~diffgen.models.regressor.PropertyRegressor` state
+dict (floating-point weights in fp32 by default, fp16 optional, loaded back as fp32; the ``mean``/``mad`` statistics
+always float64) and, as JSON metadata, ``config`` plus the ``targets`` and ``units`` for people reading the file.
+Files of the first layout (``diffgen-regressor-v1``, e.g. the shipped gap model) name the network weights
+``model.<name>`` (the Lightning module's names); they load unchanged.
 """
 from __future__ import annotations
 
@@ -12,90 +17,119 @@ from pathlib import Path
 
 import torch
 
-from diffgen.checkpoint_files import PRETRAINED_DIR, first_line, read_lightning, read_safetensors, write_safetensors
-from diffgen.errors import DiffgenError
+from diffgen.checkpoint_files import (
+    PRETRAINED_DIR, check_writable, existing_checkpoint, export_tensors, lightning_parts, load_weights,
+    metadata_json, read_safetensors, stored_config, write_safetensors,
+)
+from diffgen.models.regressor import PropertyRegressor
+from diffgen.tasks.regression.config import RegressionConfig, regression_config_from_dict
+from diffgen.tasks.regression.targets import REPORT_UNITS, atomref_table
 
+#: The gap regressor shipped with diffgen (used when no checkpoint is given).
 DEFAULT_REGRESSOR = PRETRAINED_DIR / "qm9_regress_gap.safetensors"
-_FORMAT = "diffgen-regressor-v1"
+FORMAT = "diffgen-regressor-v2"
+_FORMAT_V1 = "diffgen-regressor-v1"  # network weights under "model.", mean/mad at the top level
 
 
-def _read_lightning(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    ckpt = read_lightning(path)
-    try:
-        hp = ckpt["hyper_parameters"]
-        return hp["config"], hp["stats"], ckpt["state_dict"]
-    except (KeyError, TypeError) as exc:
-        raise DiffgenError(f"{path} is not a diffgen regression checkpoint (missing {exc})") from None
-
-
-def _read_safetensors(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    meta, state = read_safetensors(path, _FORMAT, "regression")
-    stats = {"mean": json.loads(meta["mean"]), "mad": json.loads(meta["mad"])}
-    return json.loads(meta["config"]), stats, state
-
-
-def load_regressor(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """Load a :class:`~diffgen.tasks.regression.module.RegressionTask` (eval mode) from ``.safetensors`` or ``.ckpt``.
+def build_model(cfg: RegressionConfig, stats: dict | None = None) -> PropertyRegressor:
+    """The regressor described by ``cfg`` (random weights), with the atom references and units of its targets.
 
     Args:
-        path: checkpoint; None -> the shipped gap model (:data:`DEFAULT_REGRESSOR`).
+        cfg: the regression config (``cfg.task.targets``, ``cfg.model``).
+        stats: ``{"mean": [T], "mad": [T]}`` training statistics (reported units); None -> 0 and 1, to be filled by
+            loading a checkpoint.
+
+    Raises:
+        ValueError: ``stats`` does not have one mean and one positive MAD per target.
+    """
+    targets, m = list(cfg.task.targets), cfg.model
+    stats = stats or {}
+    return PropertyRegressor(targets, stats.get("mean"), stats.get("mad"), atomref=atomref_table(targets),
+                             units=[REPORT_UNITS[t] for t in targets], hidden=m.hidden, n_layers=m.n_layers,
+                             attention=m.attention, norm_factor=m.norm_factor, charge_power=m.charge_power,
+                             graph=m.graph, cutoff=m.cutoff, k=m.k)
+
+
+def _strip_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Lightning (``model.egnn...``, ``model.mean`` or, before the re-layout, ``mean``) and v1 names -> the
+    regressor's own names."""
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, regressor state)`` of a ``.safetensors`` export or a Lightning ``.ckpt``."""
+    if path.suffix == ".safetensors":
+        meta, state = read_safetensors(path, (FORMAT, _FORMAT_V1), "regression")
+        return metadata_json(meta, "config", path, dict), _strip_model_prefix(state)
+    hp, state = lightning_parts(path, "regression")
+    return hp["config"], _strip_model_prefix(state)
+
+
+def load(path: str | Path | None = None, device: str | torch.device = "cpu",
+         ) -> tuple[PropertyRegressor, RegressionConfig]:
+    """Load a regressor from a ``.safetensors`` export or a Lightning ``.ckpt``.
+
+    Args:
+        path: checkpoint file; None -> the shipped gap model (:data:`DEFAULT_REGRESSOR`).
         device: where to put the model.
 
-    Raises:
-        DiffgenError: missing, unreadable or foreign file, or weights that do not fit the stored config.
-    """
-    from diffgen.tasks.regression.module import RegressionTask
-
-    path = Path(path) if path is not None else DEFAULT_REGRESSOR
-    if not path.is_file():
-        hint = " (the shipped regression weights are missing from this installation)" if path == DEFAULT_REGRESSOR else ""
-        raise DiffgenError(f"checkpoint not found: {path}{hint}")
-    config, stats, state = (_read_safetensors if path.suffix == ".safetensors" else _read_lightning)(path)
-    task = RegressionTask(config, stats)
-    own = task.state_dict()
-    try:
-        task.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
-    except RuntimeError as exc:
-        raise DiffgenError(f"checkpoint {path} does not match its config: {first_line(exc)}") from None
-    return task.to(device).eval()
-
-
-def save_regressor(task, out_path: str | Path, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
-    """Write ``task`` (a RegressionTask) as safetensors with its config/targets/units/mean/MAD as metadata.
-
-    Floating-point weights are stored in ``dtype``; the mean/MAD buffers always stay float64.
+    Returns:
+        ``(model, config)``: the :class:`~diffgen.models.regressor.PropertyRegressor` (eval mode, on ``device``,
+        statistics float64) and its config.
 
     Raises:
-        DiffgenError: ``out_path`` exists and ``overwrite`` is False, or its folder does not exist.
+        DiffgenError: missing, unreadable or foreign file; metadata without ``config``, not JSON, or a config that
+            does not validate; weights or statistics that do not fit the stored config.
     """
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise DiffgenError(f"{out_path} exists; pass --overwrite to replace it")
-    if not out_path.parent.is_dir():
-        raise DiffgenError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
-    tensors = {}
-    for k, v in task.state_dict().items():
-        v = v.detach().cpu()
-        if v.is_floating_point() and k not in ("mean", "mad"):
-            v = v.to(dtype)
-        tensors[k] = v
-    hp = task.hparams
-    meta = {
-        "format": _FORMAT,
-        "config": json.dumps(hp["config"]),
-        "targets": json.dumps(list(task.targets)),
-        "units": json.dumps(list(task.units)),
-        "mean": json.dumps(task.mean.tolist()),
-        "mad": json.dumps(task.mad.tolist()),
-    }
-    return write_safetensors(tensors, meta, out_path)
+    path = existing_checkpoint(path, DEFAULT_REGRESSOR)
+    cfg_dict, state = _read(path)
+    cfg = stored_config(regression_config_from_dict, cfg_dict, path)
+    model = build_model(cfg)
+    load_weights(model, state, path)
+    return model.to(device).eval(), cfg
 
 
-def export_regressor(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
-                     overwrite: bool = False) -> Path:
-    """Export a Lightning training checkpoint (``.ckpt``) to a small ``.safetensors`` file."""
-    if Path(out_path).suffix != ".safetensors":
-        raise DiffgenError("the export file name must end in .safetensors")
-    if Path(out_path).exists() and not overwrite:
-        raise DiffgenError(f"{out_path} exists; pass --overwrite to replace it")
-    return save_regressor(load_regressor(ckpt_path), out_path, dtype=dtype, overwrite=overwrite)
+def load_regressor(path: str | Path | None = None, device: str | torch.device = "cpu") -> PropertyRegressor:
+    """``load(path, device)[0]``: the regressor alone (see :func:`load`)."""
+    return load(path, device)[0]
+
+
+def save(model: PropertyRegressor, config: RegressionConfig, out_path: str | Path,
+         dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    """Write ``model`` (with its ``config``) as a ``diffgen-regressor-v2`` safetensors file.
+
+    Floating-point weights are stored in ``dtype``; the mean/MAD statistics always stay float64.
+
+    Raises:
+        DiffgenError: ``out_path`` does not end in ``.safetensors``, exists and ``overwrite`` is False, or its folder
+            does not exist.
+    """
+    out_path = check_writable(out_path, overwrite, (".safetensors",))
+    meta = {"format": FORMAT, "config": json.dumps(config.to_dict()), "targets": json.dumps(list(model.targets)),
+            "units": json.dumps(list(model.units))}
+    return write_safetensors(export_tensors(model.state_dict(), dtype, keep=("mean", "mad")), meta, out_path)
+
+
+def export(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
+           overwrite: bool = False) -> Path:
+    """Export a Lightning training checkpoint (or re-write a ``.safetensors`` export) to a small safetensors file.
+
+    Args:
+        ckpt_path: Lightning ``.ckpt`` from ``diffgen regress train`` (or a ``.safetensors``).
+        out_path: the ``.safetensors`` file to write.
+        dtype: storage type of the floating-point weights (the statistics stay float64).
+        overwrite: replace ``out_path`` if it exists.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        DiffgenError: as :func:`save` (checked before the checkpoint is read) and as :func:`load`.
+    """
+    check_writable(out_path, overwrite, (".safetensors",))
+    model, cfg = load(existing_checkpoint(ckpt_path))
+    return save(model, cfg, out_path, dtype=dtype, overwrite=overwrite)
+
+
+#: Former name of :func:`export` (the CLI and older scripts use it).
+export_regressor = export

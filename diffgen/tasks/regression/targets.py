@@ -10,7 +10,7 @@ in eV). Regression reports them as Satorras et al. 2021 (EGNN, Table 3) and Ande
   (the QM9 ``atomref`` table, Ramakrishnan et al. 2014), i.e. atomisation quantities. Cormorant
   subtracts every ``*_thermo`` column of that table; its zpve column is zero, so zpve is unchanged.
 
-Models learn these "regression values"; :func:`diffgen.tasks.regression.module.predict` adds the atom
+Models learn these "regression values"; :func:`diffgen.tasks.regression.predict.predict` adds the atom
 references back, so its output is the total property in reported units.
 """
 from __future__ import annotations

@@ -1,0 +1,235 @@
+"""The checkpoint contract shared by the three tasks (diffgen.checkpoint_files + tasks/*/checkpoints.py):
+``load(path, device) -> (model, config)`` for a Lightning ``.ckpt`` and its ``.safetensors`` export, the overwrite
+guard of ``export``, and one-line errors for broken metadata. Tiny models, CPU, no data sets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffgen.errors import DiffgenError
+from diffgen.tasks.dynamics import checkpoints as dynamics_ckpt
+from diffgen.tasks.generation import checkpoints as generation_ckpt
+from diffgen.tasks.regression import checkpoints as regression_ckpt
+
+TASKS = ("generation", "regression", "dynamics")
+CHECKPOINTS = {"generation": generation_ckpt, "regression": regression_ckpt, "dynamics": dynamics_ckpt}
+CONFIG_CLASS = {"generation": "GenerationConfig", "regression": "RegressionConfig", "dynamics": "DynamicsConfig"}
+FORMATS = {"generation": "diffgen-generator-v1", "regression": "diffgen-regressor-v2", "dynamics": "diffgen-dynamics-v1"}
+HISTOGRAM = [0, 0, 1, 3, 2]  # atom counts 2, 3, 4
+
+
+def _lightning_task(task: str) -> torch.nn.Module:
+    """A tiny Lightning module of ``task`` with seeded random weights."""
+    torch.manual_seed(0)
+    if task == "generation":
+        from diffgen.tasks.generation.module import GenerationTask
+
+        module = GenerationTask({"model": {"hidden": 8, "n_layers": 1}, "diffusion": {"T": 20}}, HISTOGRAM)
+        with torch.no_grad():  # the trained weights drift away from their EMA: the export must take the EMA
+            for p in module.diffusion.parameters():
+                p.add_(0.1)
+        return module
+    if task == "regression":
+        from diffgen.tasks.regression.module import RegressionTask
+
+        return RegressionTask({"model": {"hidden": 8, "n_layers": 1}}, {"mean": [6800.0], "mad": [1000.0]})
+    from diffgen.tasks.dynamics.module import DynamicsTask
+
+    return DynamicsTask({"model": {"hidden": 8, "n_layers": 1}})
+
+
+def _expected_state(task: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a load must give: the EMA diffusion (generation), the wrapped model (regression, dynamics)."""
+    return (module.ema.module if task == "generation" else module.model).state_dict()
+
+
+def _loaded_state(task: str, model) -> dict[str, torch.Tensor]:
+    return (model.diffusion if task == "generation" else model).state_dict()
+
+
+@pytest.fixture(scope="module", params=TASKS)
+def trained(request, tmp_path_factory):
+    """``(task, lightning module, path of its .ckpt)``: what ``torch.load`` of a Lightning checkpoint reads back."""
+    task = request.param
+    module = _lightning_task(task)
+    path = tmp_path_factory.mktemp(task) / "last.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "global_step": 7}, path)
+    return task, module, path
+
+
+def _assert_one_line(exc: pytest.ExceptionInfo, *needles: str) -> None:
+    text = str(exc.value)
+    assert "\n" not in text and text, text
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_ckpt_and_export_load_as_the_trained_model(trained, tmp_path):
+    task, module, ckpt = trained
+    ckpts = CHECKPOINTS[task]
+    want = _expected_state(task, module)
+    out = ckpts.export(ckpt, tmp_path / "m.safetensors", dtype=torch.float32)
+    assert out == tmp_path / "m.safetensors"
+    for path in (ckpt, out):
+        model, cfg = ckpts.load(path)
+        assert type(cfg).__name__ == CONFIG_CLASS[task] and cfg.to_dict() == module.cfg.to_dict()
+        got = _loaded_state(task, model)
+        assert list(got) == list(want)
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (path.suffix, key)
+        assert not (model.diffusion if task == "generation" else model).training  # eval mode
+    if task == "generation":
+        assert model.config is cfg and model.source == out
+        assert model.node_dist.histogram.tolist() == HISTOGRAM
+        raw = module.diffusion.state_dict()  # the trained (non-EMA) weights were not taken
+        assert any(not torch.equal(got[k], v) for k, v in raw.items() if v.is_floating_point())
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == FORMATS[task]
+    assert json.loads(meta["config"]) == module.cfg.to_dict()  # the config as plain JSON
+
+
+def test_half_precision_export_loads_back_in_float32(trained, tmp_path):
+    task, module, ckpt = trained
+    ckpts = CHECKPOINTS[task]
+    model, _ = ckpts.load(ckpts.export(ckpt, tmp_path / "h.safetensors", dtype=torch.float16))
+    got, want = _loaded_state(task, model), _expected_state(task, module)
+    for key, value in want.items():
+        if key in ("mean", "mad"):  # the regression statistics are never rounded
+            assert got[key].dtype == torch.float64 and torch.equal(got[key], value)
+        elif value.is_floating_point():
+            assert got[key].dtype == value.dtype
+            torch.testing.assert_close(got[key], value, rtol=1e-3, atol=1e-4)  # fp16: 11-bit mantissa
+
+
+def test_export_refuses_to_overwrite(trained, tmp_path):
+    task, _, ckpt = trained
+    ckpts = CHECKPOINTS[task]
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(DiffgenError) as exc:
+        ckpts.export(ckpt, out)
+    _assert_one_line(exc, str(out), "already exists", "overwrite")
+    assert out.read_bytes() == b"keep me"
+    assert ckpts.export(ckpt, out, overwrite=True) == out
+    ckpts.load(out)
+    with pytest.raises(DiffgenError) as exc:
+        ckpts.export(ckpt, tmp_path / "m.pt")
+    _assert_one_line(exc, "must end in .safetensors")
+
+
+def test_generator_export_refuses_to_overwrite_the_yaml_beside_it(tmp_path):
+    module = _lightning_task("generation")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, ckpt)
+    out = tmp_path / "gen.safetensors"
+    out.with_suffix(".yaml").write_text("mine: 1\n")
+    with pytest.raises(DiffgenError) as exc:
+        generation_ckpt.export(ckpt, out)
+    _assert_one_line(exc, "gen.yaml", "already exists")
+    assert not out.exists() and out.with_suffix(".yaml").read_text() == "mine: 1\n"
+    generation_ckpt.export(ckpt, out, overwrite=True)
+    import yaml
+
+    assert yaml.safe_load(out.with_suffix(".yaml").read_text()) == module.cfg.to_dict()
+
+
+def _rewrite_metadata(src: Path, dst: Path, change: dict) -> Path:
+    """A copy of the safetensors ``src`` whose metadata entries are replaced by ``change`` (None removes one)."""
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in change.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+BROKEN = {
+    "missing config": ({"config": None}, "'config' is missing"),
+    "config not JSON": ({"config": '{"model": {"hidden": 8,'}, "not valid JSON"),
+    "config not an object": ({"config": "[1, 2]"}, "not the expected type"),
+    "unknown config key": ({"config": json.dumps({"model": {"widht": 8}})}, "unknown config key model.widht"),
+    "foreign format": ({"format": "something-else"}, "is not a diffgen"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_broken_metadata_is_a_one_line_error(trained, tmp_path, broken):
+    task, _, ckpt = trained
+    ckpts = CHECKPOINTS[task]
+    good = ckpts.export(ckpt, tmp_path / "good.safetensors")
+    change, needle = BROKEN[broken]
+    bad = _rewrite_metadata(good, tmp_path / "bad.safetensors", change)
+    with pytest.raises(DiffgenError) as exc:
+        ckpts.load(bad)
+    _assert_one_line(exc, needle, str(bad))
+
+
+@pytest.mark.parametrize("histogram", [None, "[0, 1", "[]", '[1, -2]'])
+def test_generator_broken_node_histogram_is_a_one_line_error(tmp_path, histogram):
+    module = _lightning_task("generation")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, ckpt)
+    good = generation_ckpt.export(ckpt, tmp_path / "good.safetensors")
+    bad = _rewrite_metadata(good, tmp_path / "bad.safetensors", {"node_histogram": histogram})
+    with pytest.raises(DiffgenError) as exc:
+        generation_ckpt.load(bad)
+    _assert_one_line(exc, "node_histogram", str(bad))
+
+
+def test_weights_that_do_not_fit_the_config_are_a_one_line_error(trained, tmp_path):
+    task, module, ckpt = trained
+    ckpts = CHECKPOINTS[task]
+    good = ckpts.export(ckpt, tmp_path / "good.safetensors")
+    bigger = module.cfg.to_dict()
+    bigger["model"]["hidden"] = 16
+    bad = _rewrite_metadata(good, tmp_path / "bad.safetensors", {"config": json.dumps(bigger)})
+    with pytest.raises(DiffgenError) as exc:
+        ckpts.load(bad)
+    _assert_one_line(exc, "does not match its config")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_truncated_or_foreign_files_are_one_line_errors(tmp_path, content, suffix):
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(content)
+    for ckpts in CHECKPOINTS.values():
+        with pytest.raises(DiffgenError) as exc:
+            ckpts.load(path)
+        _assert_one_line(exc, str(path))
+    with pytest.raises(DiffgenError) as exc:
+        dynamics_ckpt.load(tmp_path / "missing.ckpt")
+    _assert_one_line(exc, "not found")
+
+
+def test_inference_imports_no_lightning():
+    """Loading and running each task's model (and the CLI module tree) does not import Lightning."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "import diffgen.cli\n"
+        "from diffgen.tasks.generation.checkpoints import load as load_gen\n"
+        "from diffgen.tasks.regression.checkpoints import load as load_reg\n"
+        "from diffgen.tasks.regression.predict import predict\n"
+        "import diffgen.tasks.dynamics.checkpoints, diffgen.tasks.dynamics.evaluate, diffgen.tasks.dynamics.predict\n"
+        "gen, _ = load_gen()\n"
+        "reg, _ = load_reg()\n"
+        "out = predict(reg, [([6, 1, 1, 1, 1], [[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63],"
+        " [-0.63, 0.63, -0.63], [0.63, -0.63, -0.63]])])\n"
+        "assert out.shape == (1, 1)\n"
+        "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules, 'Lightning imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]

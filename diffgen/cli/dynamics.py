@@ -34,7 +34,7 @@ def train(
     dataset: str = typer.Option("nbody", help="Data set: nbody (3,000/2,000/2,000 charged-particle trajectories) "
                                 "or alanine_dipeptide (runs from `diffgen dynamics simulate`)."),
     config: str = typer.Option(DEFAULT_CONFIG, help="YAML config: a file, or the name of a packaged config."),
-    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
+    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes from its newest checkpoint."),
     accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
     devices: Optional[str] = typer.Option(None, help="Number of devices or 'auto'."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),

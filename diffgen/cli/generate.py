@@ -239,7 +239,7 @@ def train(
                                "(qm9_egnn = the shipped model's recipe, qm9_egnn_edm = EDM's)."),
     accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
     devices: Optional[str] = typer.Option(None, help="Number of devices or 'auto' (several GPUs use DDP)."),
-    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
+    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes from its newest checkpoint."),
 ):
     """Train the generator. Extra arguments are config overrides: section.key=value (e.g. model.hidden=128)."""
     from diffgen.config import trainer_overrides

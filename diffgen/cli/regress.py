@@ -37,7 +37,7 @@ def train(
     target: Optional[List[str]] = typer.Option(None, "--target", help="Target(s): mu, alpha, homo, lumo, gap, r2, "
                                                "zpve, U0, U, H, G, Cv; repeat or comma-separate for one multi-target model."),
     config: str = typer.Option(DEFAULT_CONFIG, help="YAML config: a file, or the name of a packaged config."),
-    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes if it holds last.ckpt."),
+    out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes from its newest checkpoint."),
     subset: Optional[str] = typer.Option(None, help="Train on one half of the train split: half0 or half1 (EDM protocol)."),
     accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
     devices: Optional[str] = typer.Option(None, help="Number of devices or 'auto'."),

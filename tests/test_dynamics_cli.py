@@ -78,5 +78,12 @@ def test_cli_train_evaluate_and_bad_input(tmp_path):
     np.savez(bad, loc=np.zeros((2, 50, 5, 3)), vel=np.zeros((2, 50, 5, 3)), charges=np.ones((2, 4)))
     _one_line_error(run_cli("dynamics", "evaluate", "--checkpoint", str(ckpt), "--data", str(bad), env_extra=env),
                     "mismatched atom counts")
+    # a trajectory file with NaN: one-line error, not a NaN MSE with exit 0
+    nan = tmp_path / "nan.npz"
+    loc = np.zeros((2, 50, 5, 3))
+    loc[1, 30, 2, 0] = np.nan
+    np.savez(nan, loc=loc, vel=np.zeros((2, 50, 5, 3)), charges=np.ones((2, 5)))
+    res = runner.invoke(app, ["dynamics", "evaluate", "--checkpoint", str(ckpt), "--data", str(nan)], env=env)
+    assert res.exit_code != 0 and "loc holds NaN" in str(res.exception), res.output
     _one_line_error(run_cli("dynamics", "evaluate", "--checkpoint", str(tmp_path / "nope.ckpt")), "not found")
     _one_line_error(run_cli("dynamics", "train", "--dataset", "md17"), "data.dataset must be one of")

@@ -376,3 +376,33 @@ def test_cli_export_writes_a_loadable_file_and_never_overwrites(tmp_path):
     before = out.read_bytes()
     assert_one_line_error(run_cli("export", ckpt, out), "already exists")
     assert out.read_bytes() == before
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from diffgen.cli import app
+
+    return CliRunner().invoke(app, ["regress", *map(str, args)])
+
+
+def test_cli_predict_refuses_absurd_coordinates(tmp_path, tiny_checkpoint):
+    # 1e300 Å is finite, but its squared distances overflow to inf and the model would print NaN with exit 0
+    xyz = tmp_path / "far.xyz"
+    xyz.write_text("3\nwater\nO 0 0 0.12\nH 0.76 0 -0.47\nH 1e300 0 -0.47\n")
+    res = _invoke("predict", xyz, "--checkpoint", tiny_checkpoint)
+    assert isinstance(res.exception, DiffgenError) and "molecule 1" in str(res.exception), res.output
+    assert "nan" not in res.output.lower()
+
+
+def test_cli_predict_warns_about_molecules_larger_than_qm9(tmp_path, tiny_checkpoint):
+    # a chain of 12 carbons (with hydrogens): more heavy atoms than any QM9 molecule; predicted, with a warning
+    n_c = 12
+    lines = [f"C {1.5 * i:.3f} 0 0" for i in range(n_c)] + [f"H {1.5 * i:.3f} 1.09 0" for i in range(n_c)]
+    xyz = tmp_path / "chain.xyz"
+    xyz.write_text(f"{len(lines)}\nchain\n" + "\n".join(lines) + "\n")
+    proc = run_cli("predict", xyz, "--checkpoint", tiny_checkpoint)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "out of domain" in warnings[0] and "molecule 1" in warnings[0], proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 2  # header + one prediction

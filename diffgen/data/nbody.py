@@ -218,7 +218,11 @@ def load_trajectories(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def validate_trajectories(data: dict, name: str = "trajectories") -> None:
-    """Check ``loc``/``vel`` are ``[B, F, n, 3]`` with matching shapes and ``charges`` is ``[B, n]``."""
+    """Check ``loc``/``vel`` are ``[B, F, n, 3]`` with matching shapes, ``charges`` is ``[B, n]``, all finite.
+
+    Raises:
+        DiffgenError: a wrong shape, mismatched counts, or a NaN/inf value (one line naming the array).
+    """
     loc = data["loc"]
     if loc.ndim != 4 or loc.shape[-1] != 3:
         raise DiffgenError(f"{name}: loc must have shape [trajectories, frames, atoms, 3], got {list(loc.shape)}")
@@ -228,6 +232,9 @@ def validate_trajectories(data: dict, name: str = "trajectories") -> None:
     if "charges" in data and data["charges"].shape != loc.shape[:1] + loc.shape[2:3]:
         raise DiffgenError(f"{name}: charges shape {list(data['charges'].shape)} does not match "
                            f"{loc.shape[2]} atoms in {loc.shape[0]} trajectories (mismatched atom counts)")
+    for key in ("loc", "vel", "charges"):
+        if key in data and not np.isfinite(data[key]).all():
+            raise DiffgenError(f"{name}: {key} holds NaN or infinite values")
 
 
 @dataclass

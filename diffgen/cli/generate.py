@@ -257,16 +257,21 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen train`."),
     out: Path = typer.Argument(..., help="Output .safetensors (EMA weights; config YAML written beside it)."),
     overwrite: bool = typer.Option(False, help="Replace OUT and the YAML beside it if they exist."),
-    bf16: bool = typer.Option(False, help="Store bf16 instead of fp16."),
+    dtype: str = typer.Option("fp16", help="Storage type of the weights: fp16, bf16 or fp32."),
+    with_raw: bool = typer.Option(False, help="Also store the trained (non-EMA) weights, so a later run can go on "
+                                  "training from this file (optim.init_from=OUT) when the .ckpt is gone."),
 ):
     """Export the EMA weights of a training checkpoint to a small safetensors file."""
-    check_writable(out, overwrite, (".safetensors",))
-    check_writable(out.with_suffix(".yaml"), overwrite)
     import torch
 
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise DiffgenError(f"unknown --dtype {dtype!r}: choose fp16, bf16 or fp32")
+    check_writable(out, overwrite, (".safetensors",))
+    check_writable(out.with_suffix(".yaml"), overwrite)
     from diffgen.tasks.generation.checkpoints import export as export_checkpoint
 
-    path = export_checkpoint(checkpoint, out, dtype=torch.bfloat16 if bf16 else torch.float16, overwrite=overwrite)
+    path = export_checkpoint(checkpoint, out, dtype=dtypes[dtype], overwrite=overwrite, with_raw=with_raw)
     out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -5,6 +5,9 @@ The task's side of the contract of :mod:`diffgen.checkpoint_files`: :func:`load`
 :class:`~diffgen.diffusion.vp.VPDiffusion` (fp16 by default, loaded back as fp32) and, as metadata,
 ``format = diffgen-generator-v1``, ``config`` (JSON) and ``node_histogram`` (JSON list: the training atom-count
 histogram), so sampling needs neither the dataset nor the training run. A YAML copy of the config is written beside it.
+An export made with ``with_raw=True`` also holds the trained (non-EMA) weights under keys ``raw.*``: with it a
+training run can go on where its Lightning checkpoint is gone (``optim.init_from``, :func:`read_training_weights`);
+loading it for sampling ignores them.
 """
 from __future__ import annotations
 
@@ -46,13 +49,26 @@ def _ema_state_from_lightning(state: dict) -> dict[str, torch.Tensor]:
     return ema
 
 
-def _read(path: Path) -> tuple[dict, list, dict[str, torch.Tensor]]:
-    """``(config dict, node histogram, diffusion state)`` of a ``.safetensors`` export or a Lightning ``.ckpt``."""
+RAW = "raw."  # key prefix of the trained (non-EMA) weights in an export made with ``with_raw=True``
+
+
+def _raw_state_from_lightning(state: dict) -> dict[str, torch.Tensor]:
+    return {k[len("diffusion."):]: v for k, v in state.items() if k.startswith("diffusion.")}
+
+
+def _read(path: Path, raw: bool = False) -> tuple[dict, list, dict[str, torch.Tensor]]:
+    """``(config dict, node histogram, diffusion state)`` of a ``.safetensors`` export or a Lightning ``.ckpt``:
+    the EMA weights, or with ``raw`` the trained weights (``{}`` if the file holds none)."""
     if path.suffix == ".safetensors":
         meta, state = read_safetensors(path, FORMAT, "generator")
+        if raw:
+            state = {k[len(RAW):]: v for k, v in state.items() if k.startswith(RAW)}
+        else:
+            state = {k: v for k, v in state.items() if not k.startswith(RAW)}
         return metadata_json(meta, "config", path, dict), metadata_json(meta, "node_histogram", path, list), state
     hp, state = lightning_parts(path, "generator", ("config", "node_histogram"))
-    return hp["config"], list(hp["node_histogram"]), _ema_state_from_lightning(state)
+    weights = _raw_state_from_lightning(state) if raw else _ema_state_from_lightning(state)
+    return hp["config"], list(hp["node_histogram"]), weights
 
 
 def _node_distribution(hist: list, path: Path) -> NodeCountDistribution:
@@ -93,8 +109,21 @@ def load_generator(path: str | Path | None = None, device: str | torch.device = 
     return load(path, device)[0]
 
 
+def read_training_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(ema, raw)`` diffusion state dicts of a checkpoint, to go on training from it: a Lightning ``.ckpt`` has
+    both; an export has ``raw`` only if made with ``with_raw=True`` (else None: start the trained weights at the EMA).
+
+    Raises:
+        DiffgenError: missing, unreadable or foreign file.
+    """
+    path = existing_checkpoint(path)
+    ema = _read(path)[2]
+    raw = _read(path, raw=True)[2]
+    return ema, (raw or None)
+
+
 def export(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float16,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, with_raw: bool = False) -> Path:
     """Write the EMA weights of a training checkpoint (or re-write an export) as safetensors, and the config as YAML
     beside it (``out_path`` with the suffix ``.yaml``).
 
@@ -103,6 +132,7 @@ def export(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = tor
         out_path: the ``.safetensors`` file to write.
         dtype: storage type of the floating-point weights (fp16 by default; loaded back as fp32).
         overwrite: replace ``out_path`` and the YAML beside it if they exist.
+        with_raw: also store the trained (non-EMA) weights, under ``raw.*`` keys (to continue training from the file).
 
     Returns:
         ``out_path`` as a Path.
@@ -121,7 +151,13 @@ def export(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = tor
     _node_distribution(hist, path)
     cfg_dict = cfg.to_dict()
     meta = {"format": FORMAT, "config": json.dumps(cfg_dict), "node_histogram": json.dumps(list(hist))}
-    write_safetensors(export_tensors(state, dtype), meta, out_path)
+    tensors = export_tensors(state, dtype)
+    if with_raw:
+        raw = _read(path, raw=True)[2]
+        if not raw:
+            raise DiffgenError(f"{path} holds no trained (non-EMA) weights to export with them")
+        tensors.update({RAW + k: v for k, v in export_tensors(raw, dtype).items()})
+    write_safetensors(tensors, meta, out_path)
     write_text(yaml.safe_dump(cfg_dict, sort_keys=False), yaml_path)
     return out_path
 

@@ -8,6 +8,7 @@ eps-prediction L2 loss. Validation: the same loss on the valid split every epoch
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -82,21 +83,18 @@ class GenerationTask(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def init_weights_from(self, path: str) -> None:
-        """Copy the (EMA) weights of a generator checkpoint into both the trained and the EMA model.
+        """Start from the weights of a generator checkpoint: its EMA weights into the EMA model, its trained weights
+        (a Lightning ``.ckpt``, or an export made with ``with_raw``) into the trained model, else the EMA ones.
 
         Raises:
             DiffgenError: unreadable checkpoint, or weights that do not fit this task's model config.
         """
-        from diffgen.tasks.generation.checkpoints import load_generator
-        from diffgen.errors import DiffgenError
+        from diffgen.checkpoint_files import load_weights
+        from diffgen.tasks.generation.checkpoints import read_training_weights
 
-        state = load_generator(path).diffusion.state_dict()
-        try:
-            self.diffusion.load_state_dict(state)
-        except RuntimeError as exc:
-            raise DiffgenError(f"optim.init_from {path} does not fit the model config: {str(exc).splitlines()[0]}") from None
-        self.ema.module.load_state_dict(state)
-
+        ema, raw = read_training_weights(path)
+        load_weights(self.ema.module, ema, Path(path))
+        load_weights(self.diffusion, raw or ema, Path(path))
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         o = self.cfg.optim
         params = [p for p in self.diffusion.parameters() if p.grad is not None]

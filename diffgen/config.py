@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -100,7 +101,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
     if hint is Any:
         return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]

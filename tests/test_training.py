@@ -1,6 +1,13 @@
-"""Lightning training on real QM9: a few steps, checkpoint, resume, export, and loading the export."""
+"""Lightning training on real QM9: a few steps, checkpoint, resume, export, and loading the export; the newest
+checkpoint picked, resume errors through the CLI."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from diffgen.tasks.generation.checkpoints import export_generator, load_generator
@@ -9,13 +16,20 @@ from diffgen.tasks.generation.build import sample_molecules
 from diffgen.tasks.generation.module import train_generation
 
 
+#: A tiny generator run: 2 training batches per epoch, periodic checkpoints every 2 steps, every step logged.
+TINY = ["trainer.limit_val_batches=2", "trainer.ckpt_every_n_steps=2", "trainer.sample_every_n_epochs=1",
+        "trainer.n_eval_samples=3", "trainer.eval_steps=2", "trainer.limit_train_batches=2",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",
+        "model.hidden=16", "model.n_layers=2", "data.batch_size=8"]
+
+
 def tiny_config(out_dir, max_steps):
-    return load_config("diffgen/configs/qm9_egnn.yaml", [
-        f"trainer.out_dir={out_dir}", f"trainer.max_steps={max_steps}", "trainer.limit_val_batches=2",
-        "trainer.ckpt_every_n_steps=2", "trainer.sample_every_n_epochs=1", "trainer.n_eval_samples=3",
-        "trainer.eval_steps=2", "trainer.limit_train_batches=2", "trainer.accelerator=cpu", "trainer.devices=1",
-        "model.hidden=16", "model.n_layers=2", "data.batch_size=8",
-    ])
+    return load_config("diffgen/configs/qm9_egnn.yaml",
+                       [f"trainer.out_dir={out_dir}", f"trainer.max_steps={max_steps}", *TINY])
+
+
+def load_ckpt(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_train_checkpoint_resume_and_export(tmp_path):
@@ -24,7 +38,7 @@ def test_train_checkpoint_resume_and_export(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     assert task.trainer.global_step == 2
-    first_ckpt = torch.load(last, weights_only=False)
+    first_ckpt = load_ckpt(last)
     # EMA weights differ from the raw weights after training (decay < 1) and are finite
     ema = {k: v for k, v in first_ckpt["state_dict"].items() if k.startswith("ema.module.")}
     assert ema and all(torch.isfinite(v).all() for v in ema.values())
@@ -33,7 +47,7 @@ def test_train_checkpoint_resume_and_export(tmp_path):
     cfg2 = tiny_config(tmp_path / "run", max_steps=4)
     task2 = train_generation(cfg2)
     assert task2.trainer.global_step == 4
-    resumed = torch.load(last, weights_only=False)
+    resumed = load_ckpt(last)
     assert resumed["global_step"] == 4
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))  # atomic writes leave no debris
 
@@ -74,4 +88,80 @@ def test_single_last_checkpoint(tmp_path):
     train_generation(cfg)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "last.ckpt" in names and not any(n.startswith("last-v") for n in names), names
-    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_resume_path_takes_the_highest_global_step(tmp_path: Path):
+    """A stale last.ckpt (what Lightning left when it wrote later saves to last-vN.ckpt) loses to a newer periodic
+    checkpoint; on a tie last.ckpt wins, then a periodic one, then best.ckpt; an unreadable file is an error."""
+    from diffgen.config import TrainerConfig
+    from diffgen.errors import DiffgenError
+    from diffgen.tasks.trainer import resume_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    tc = TrainerConfig(out_dir=str(tmp_path))
+    assert resume_path(TrainerConfig(out_dir=str(tmp_path / "none"))) is None
+
+    def put(name: str, step: int) -> None:
+        torch.save({"global_step": step, "state_dict": {}}, folder / name)
+
+    put("last.ckpt", 2)
+    put("step6.ckpt", 6)
+    put("best.ckpt", 5)
+    assert Path(resume_path(tc)).name == "step6.ckpt"
+    put("best.ckpt", 6)
+    assert Path(resume_path(tc)).name == "step6.ckpt"  # same step: the periodic one, not the one after validation
+    put("last.ckpt", 6)
+    assert Path(resume_path(tc)).name == "last.ckpt"
+    (folder / "step7.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DiffgenError, match="cannot read checkpoint .*step7.ckpt"):
+        resume_path(tc)
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "diffgen.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env, **kwargs)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, fragment: str) -> None:
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith("error:") and fragment in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def run_main(monkeypatch, capfd, *args: str) -> tuple[int, str]:
+    """``diffgen.cli.main`` in-process (no interpreter start-up): (exit code, everything written to fd 2)."""
+    from diffgen.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["diffgen", *args])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capfd.readouterr().err
+
+
+def test_cli_resume_errors_come_before_any_training_step(tmp_path: Path, monkeypatch, capfd):
+    """Resuming a run folder with another model size (a `python -m diffgen.cli train` subprocess), or from a
+    truncated last.ckpt (``diffgen.cli.main`` in-process), is a one-line error with exit code 2 that writes
+    nothing: no log version, no checkpoint."""
+    run = tmp_path / "run"
+    train_generation(tiny_config(run, max_steps=2))
+    cli = ["train", "--config", "qm9_egnn", "--out-dir", str(run), "trainer.max_steps=4", *TINY]
+    before = snapshot(run)
+    assert_one_line_error(run_cli(*cli, "model.hidden=32"), "does not fit the configured model (diffusion.")
+    assert snapshot(run) == before
+
+    last = run / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    before = snapshot(run)
+    code, stderr = run_main(monkeypatch, capfd, *cli)
+    assert_one_line_error(subprocess.CompletedProcess(cli, code, "", stderr), f"cannot read checkpoint {last}")
+    assert snapshot(run) == before

@@ -14,11 +14,13 @@ Every task (generation, regression, dynamics) trains through :func:`fit`, so all
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -92,10 +94,12 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
 
 
 def resume_path(tc: TrainerConfig) -> str | None:
-    """The checkpoint in ``out_dir/checkpoints`` with the highest global step (``last.ckpt`` on a tie), or None.
+    """The checkpoint in ``out_dir/checkpoints`` with the highest global step, or None.
 
     Every ``*.ckpt`` there is considered (``last.ckpt``, periodic ``stepN.ckpt``, ``best.ckpt``), so a stale
-    ``last.ckpt`` never sends a run back. The step is read from the file (``weights_only=True``).
+    ``last.ckpt`` never sends a run back. The step is read from the file (``weights_only=True``). On a tie
+    ``last.ckpt`` wins, then a periodic one, then ``best.ckpt`` (the same step, saved after validation), then the
+    name, so the choice never depends on the order the folder is listed in.
 
     Raises:
         DiffgenError: a checkpoint there cannot be read (truncated, corrupt, not a Lightning checkpoint).
@@ -103,28 +107,52 @@ def resume_path(tc: TrainerConfig) -> str | None:
     folder = Path(tc.out_dir) / "checkpoints"
     if not folder.is_dir():
         return None
-    best: tuple[int, int, Path] | None = None
+    best: tuple | None = None
     for path in folder.glob("*.ckpt"):
         step = read_lightning(path).get("global_step")
         if not isinstance(step, int):
             raise DiffgenError(f"cannot resume from {path}: it holds no global_step (not a Lightning checkpoint)")
-        key = (step, path.name == "last.ckpt", path)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return None if best is None else str(best[2])
+        key = (step, path.name == "last.ckpt", path.name != "best.ckpt", path.name)
+        if best is None or key > best[0]:
+            best = (key, path)
+    return None if best is None else str(best[1])
 
 
 def check_resumable(task: pl.LightningModule, path: str) -> None:
     """Raise a one-line DiffgenError if the weights in checkpoint ``path`` do not fit ``task`` (e.g. another model
-    size in the config than the run was started with). The weights are loaded into ``task`` (as resuming will)."""
+    size in the config than the run was started with); the message names the first differing tensor. The weights
+    are loaded into ``task`` (as resuming will)."""
     state = read_lightning(Path(path)).get("state_dict")
     if not isinstance(state, dict):
         raise DiffgenError(f"cannot resume from {path}: it holds no state_dict")
-    try:
-        task.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise DiffgenError(f"cannot resume from {path}: it does not fit the configured model ({first_line(exc)}); "
-                           "use the run's own config or another --out-dir") from None
+    own = task.state_dict()
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if isinstance(state.get(k), torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if shapes:
+        key, theirs, ours = shapes[0]
+        detail = (f"{key} has shape {list(theirs)} in the checkpoint, {list(ours)} in the model"
+                  + (f", and {len(shapes) - 1} more tensors differ" if len(shapes) > 1 else ""))
+    elif missing or extra:
+        detail = f"{len(missing)} tensors missing, {len(extra)} unexpected, e.g. {(missing or extra)[0]}"
+    else:
+        try:
+            task.load_state_dict(state, strict=True)
+            return
+        except RuntimeError as exc:
+            detail = first_line(exc)
+    raise DiffgenError(f"cannot resume from {path}: it does not fit the configured model ({detail}); "
+                       "use the run's own config or another --out-dir")
+
+
+def seed_everything(seed: int) -> None:
+    """``pl.seed_everything(seed, workers=True)`` without its "Seed set to N" line on stderr (which would precede
+    a one-line error raised before training)."""
+    if "verbose" in inspect.signature(pl.seed_everything).parameters:
+        pl.seed_everything(seed, workers=True, verbose=False)
+    else:  # older Lightning
+        pl.seed_everything(seed, workers=True)
 
 
 def fit(task: pl.LightningModule, datamodule: pl.LightningDataModule, tc: TrainerConfig,

@@ -137,9 +137,9 @@ def train_generation(cfg: GenerationConfig) -> GenerationTask:
     Returns the trained task; the best/last checkpoints are in ``cfg.trainer.out_dir/checkpoints``.
     """
     from diffgen.data.datamodule import QM9DataModule
-    from diffgen.tasks.trainer import fit
+    from diffgen.tasks.trainer import fit, seed_everything
 
-    pl.seed_everything(cfg.trainer.seed, workers=True)
+    seed_everything(cfg.trainer.seed)
     dm = QM9DataModule(cfg.data.root, cfg.data.batch_size, cfg.data.remove_h, cfg.data.num_workers, cfg.data.subset)
     task = GenerationTask(cfg.to_dict(), dm.node_histogram().tolist())
     init = None if cfg.optim.init_from is None else (lambda t: t.init_weights_from(cfg.optim.init_from))

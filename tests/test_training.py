@@ -1,8 +1,10 @@
-"""Lightning training on real QM9: a few steps, checkpoint, resume, export, and loading the export; the newest
-checkpoint picked, resume errors through the CLI."""
+"""Lightning training on real QM9: a few steps, checkpoint, resume, export, and loading the export; an exact
+resume, the newest checkpoint picked, resume errors through the CLI."""
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,20 @@ def tiny_config(out_dir, max_steps):
 
 def load_ckpt(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def logged_losses(run: Path) -> list[dict[int, float]]:
+    """Per CSV version (one per fit call, in order): {logged step: train/loss}."""
+    versions = sorted((run / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    out = []
+    for version in versions:
+        rows = csv.DictReader((version / "metrics.csv").open())
+        out.append({int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")})
+    return out
+
+
+def ckpt_names(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
 def test_train_checkpoint_resume_and_export(tmp_path):
@@ -81,14 +97,51 @@ def test_ema_warmup_tracks_recent_weights():
     assert 0.05 < gap < 1.0
 
 
-def test_single_last_checkpoint(tmp_path):
-    """Only one last.ckpt is ever written (two save_last owners would create last-v1.ckpt and resume
-    from a stale file), and it holds the final step even when the run stops between periodic saves."""
-    cfg = tiny_config(tmp_path / "run", max_steps=3)  # periodic checkpoints every 2 steps
-    train_generation(cfg)
-    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert "last.ckpt" in names and not any(n.startswith("last-v") for n in names), names
-    assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """A tiny run of 4 steps (2 epochs of 2 batches) without interruption."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train_generation(tiny_config(run, max_steps=4))
+    return run
+
+
+@pytest.mark.parametrize("resume_from", ["last", "periodic"])
+def test_resume_continues_the_uninterrupted_run_exactly(straight_run: Path, tmp_path: Path, resume_from: str):
+    """2 steps, then resumed to 4, equals 4 steps in one go: the same logged steps and losses, weights, EMA,
+    optimizer moments and clipping history (measured: bitwise equal, max |difference| 0.0).
+
+    ``last``: resume from last.ckpt, written when the first run ended (max_steps, after its validation);
+    ``periodic``: from step2.ckpt, written at the end of the batch before validation (as a Ctrl-C one is).
+    A restart from scratch would log steps 0 and 1 again, with the first run's losses, and the checkpoint's RNG
+    states, the EMA update before batch-end checkpoints and the clipping history are each needed (each checked
+    by removing it: different losses or weights)."""
+    from diffgen.tasks.trainer import resume_path
+
+    run = tmp_path / "run"
+    train_generation(tiny_config(run, max_steps=2))
+    if resume_from == "periodic":
+        for name in ("last.ckpt", "best.ckpt"):  # leave only the batch-end checkpoint of step 2
+            (run / "checkpoints" / name).unlink()
+    cfg = tiny_config(run, max_steps=4)
+    assert Path(resume_path(cfg.trainer)).name == ("last.ckpt" if resume_from == "last" else "step2.ckpt")
+    task = train_generation(cfg)
+    assert task.trainer.global_step == 4
+
+    straight = logged_losses(straight_run)
+    assert len(straight) == 1 and sorted(straight[0]) == [0, 1, 2, 3]
+    first, resumed = logged_losses(run)
+    assert sorted(first) == [0, 1] and sorted(resumed) == [2, 3]  # the resumed run did steps 2 and 3 only
+    assert {**first, **resumed} == straight[0]  # exact float equality of every step's loss
+
+    a, b = load_ckpt(straight_run / "checkpoints" / "last.ckpt"), load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"]) == (4, 2)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:  # raw weights, EMA weights and the EMA's update count
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=1e-7, msg=key)
+    assert int(b["state_dict"]["ema.n_averaged"]) == 4
+    torch.testing.assert_close(b["optimizer_states"][0]["state"], a["optimizer_states"][0]["state"], rtol=0, atol=1e-7)
+    assert b["grad_norms"] == a["grad_norms"] and len(a["grad_norms"]) == 4
+    torch.testing.assert_close(b["rng_states"], a["rng_states"], rtol=0, atol=0)
 
 
 def test_resume_path_takes_the_highest_global_step(tmp_path: Path):
@@ -117,6 +170,27 @@ def test_resume_path_takes_the_highest_global_step(tmp_path: Path):
     (folder / "step7.ckpt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(DiffgenError, match="cannot read checkpoint .*step7.ckpt"):
         resume_path(tc)
+
+
+def test_resumes_from_the_newest_checkpoint_and_never_writes_last_v(tmp_path: Path):
+    """A run stopped before its first periodic checkpoint, resumed twice, never gets a last-vN.ckpt; last.ckpt holds
+    the final step even between periodic saves; a stale last.ckpt next to a newer step2.ckpt is passed over."""
+    run = tmp_path / "run"
+    train_generation(tiny_config(run, max_steps=1))  # stops before the first periodic checkpoint (every 2 steps)
+    assert ckpt_names(run) == ["last.ckpt"]
+    stale = tmp_path / "stale.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", stale)
+    train_generation(tiny_config(run, max_steps=3))
+    steps = {name: load_ckpt(run / "checkpoints" / name)["global_step"] for name in ckpt_names(run)}
+    assert steps == {"best.ckpt": 3, "last.ckpt": 3, "step2.ckpt": 2}  # last.ckpt: the final step, between saves
+
+    shutil.copy(stale, run / "checkpoints" / "last.ckpt")  # last.ckpt at step 1, step2.ckpt at step 2
+    (run / "checkpoints" / "best.ckpt").unlink()  # (at step 3) so that step2.ckpt is the newest
+    train_generation(tiny_config(run, max_steps=4))
+    losses = logged_losses(run)
+    assert [sorted(v) for v in losses] == [[0], [1, 2], [2, 3]]  # the third run resumed at step 2, not at 1
+    assert not any(name.startswith("last-v") for name in ckpt_names(run)), ckpt_names(run)
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -8,6 +8,10 @@ Every task (generation, regression, dynamics) trains through :func:`fit`, so all
 * automatic resume from the **newest** checkpoint of ``out_dir/checkpoints`` (by global step), read with
   ``torch.load(weights_only=True)`` (a checkpoint is never unpickled) and checked against the model before
   training starts, so a truncated file or one of another model size is a one-line error;
+* an exact resume (:class:`ExactResume`): checkpoints carry the random-number states (torch CPU/CUDA, numpy,
+  ``random``), restored just before the first resumed training batch, and validation does not draw from the
+  training stream; a run stopped at the end of an epoch and resumed gives the same losses and weights as an
+  uninterrupted one (single process; a resume mid-epoch restarts the epoch's data order, as Lightning does);
 * Ctrl-C (SIGINT): ``last.ckpt`` is saved at the current step, then :class:`KeyboardInterrupt` propagates
   (the CLI exits with code 130);
 * multi-GPU / multi-process DDP via ``accelerator`` / ``devices``.
@@ -16,9 +20,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -43,6 +49,136 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return read_lightning(Path(path))
+
+
+def _cuda_rng_state() -> list[torch.Tensor]:
+    """The current CUDA device's generator state (a list: empty where CUDA is not in use, so never initialised
+    here; DDP runs one device per process)."""
+    return [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+def rng_states() -> dict:
+    """The random-number states of torch (CPU and the current CUDA device), numpy and ``random``, as tensors and
+    plain numbers only (a checkpoint holding them still loads with ``torch.load(weights_only=True)``)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": _cuda_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(state, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore states from :func:`rng_states` (the CUDA one where CUDA is available; applied on its first use)."""
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[0])
+    npy = states["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    py = states["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+
+
+def _raw_rng_states() -> tuple:
+    return torch.get_rng_state(), _cuda_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _set_raw_rng_states(states: tuple) -> None:
+    cpu, cuda, npy, py = states
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state(cuda[0])
+    np.random.set_state(npy)
+    random.setstate(py)
+
+
+class ExactResume(Callback):
+    """Makes a resumed run continue the uninterrupted one, not just its weights.
+
+    * Every checkpoint stores :func:`rng_states` (key ``rng_states``); after a resume they are restored in
+      ``on_train_start``: after the checkpoint is loaded and the sanity-check validation (which Lightning runs
+      with the random states isolated), before the first resumed batch is drawn.
+    * From ``on_train_start`` on, the training and validation ``DataLoader`` objects draw the seed they make for
+      each new iterator (a seed for their workers) from generators of their own, not from torch's global one: on a
+      resume Lightning makes a different number of iterators before the first batch (one or two, depending on
+      where the checkpoint was saved, and a validation one to fast-forward the validation loop), which would
+      shift the global stream. The shuffling sampler still draws each epoch's order from the global generator at
+      the epoch's first batch, so the order is part of the restored stream.
+    * Validation (and the sampling some tasks run in it) does not advance the training stream: the states of the
+      last training batch end are put back when validation ends, so training does not depend on when validation
+      runs (a resumed run skips the validation its checkpoint was saved before).
+    * A checkpoint saved after the last batch of an epoch by ``on_train_end`` (``max_steps`` reached) records a
+      finished epoch whose batch counter Lightning does not reset on resume, so it would run an empty epoch;
+      the counter is reset on load. The step Lightning logs under is set back to the global step (Lightning
+      shifts it by one on a resume).
+
+    Single process: in DDP every rank gets rank 0's states.
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None  # loaded states, restored in on_train_start
+        self._fix_log_step = False
+        self._stream: tuple | None = None  # raw states at the last training batch end
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # before they are restored (e.g. Ctrl-C in a resumed run's setup) the loaded states are the right ones
+        checkpoint["rng_states"] = self._pending if self._pending is not None else rng_states()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("rng_states")
+        self._fix_log_step = True
+        _reset_finished_epoch_batches(checkpoint)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for loader in _flatten([trainer.train_dataloader, trainer.val_dataloaders]):
+            if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+                loader.generator = torch.Generator().manual_seed(torch.initial_seed())
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._fix_log_step:  # after Lightning's restart bookkeeping, before the first resumed step is logged
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self._fix_log_step = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._stream = _raw_rng_states()  # cheap copies; converted only when a checkpoint is written
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._stream is None and not trainer.sanity_checking:  # validation before any batch of this run
+            self._stream = _raw_rng_states()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._stream is not None and not trainer.sanity_checking:  # Lightning isolates the sanity check itself
+            _set_raw_rng_states(self._stream)
+            self._stream = None
+
+
+def _flatten(loaders) -> list:
+    if isinstance(loaders, dict):
+        return [x for v in loaders.values() for x in _flatten(v)]
+    if isinstance(loaders, (list, tuple)):
+        return [x for v in loaders for x in _flatten(v)]
+    return [loaders]
+
+
+def _reset_finished_epoch_batches(checkpoint: dict) -> None:
+    """Reset the current-epoch batch counter of a checkpoint whose epoch finished (see :class:`ExactResume`)."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epoch = (loop.get("epoch_progress") or {}).get("current") or {}
+    batches = loop.get("epoch_loop.batch_progress") or {}
+    current = batches.get("current")
+    finished = epoch and len({epoch.get(k) for k in ("ready", "started", "processed", "completed")}) == 1
+    if finished and isinstance(current, dict) and current.get("completed", 0) > 0:
+        batches["current"] = {k: 0 for k in current}
+        batches["is_last_batch"] = False
 
 
 class SaveLastCheckpoint(Callback):
@@ -72,6 +208,7 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1,
                         auto_insert_metric_name=False, enable_version_counter=False),
         SaveLastCheckpoint(ckpt_dir / "last.ckpt"),
+        ExactResume(),
         LearningRateMonitor(),
         RichProgressBar(),
         *(extra_callbacks or []),

@@ -1,12 +1,14 @@
 """Lightning training on real QM9: a few steps, checkpoint, resume, export, and loading the export; an exact
-resume, the newest checkpoint picked, resume errors through the CLI."""
+resume, the newest checkpoint picked, resume errors and Ctrl-C through the CLI."""
 from __future__ import annotations
 
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,36 @@ def test_cli_resume_errors_come_before_any_training_step(tmp_path: Path, monkeyp
     code, stderr = run_main(monkeypatch, capfd, *cli)
     assert_one_line_error(subprocess.CompletedProcess(cli, code, "", stderr), f"cannot read checkpoint {last}")
     assert snapshot(run) == before
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path: Path):
+    """SIGINT during training (periodic checkpoints every 1,000 steps, none reached): exit code 130, no traceback,
+    and last.ckpt at the last finished step: its global step equals the steps in the CSV log, and its EMA has
+    had exactly that many updates (the step was finished, not cut in half)."""
+    run = tmp_path / "run"
+    args = ["train", "--config", "qm9_egnn", "--out-dir", str(run), "trainer.max_steps=100000",
+            "trainer.ckpt_every_n_steps=1000", "trainer.limit_val_batches=2", "trainer.sample_every_n_epochs=0",
+            "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1", "model.hidden=16",
+            "model.n_layers=2", "data.batch_size=8"]
+    metrics = run / "csv" / "version_0" / "metrics.csv"
+    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "diffgen.cli", *args], stdout=out, stderr=err, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while not (metrics.is_file() and len(logged_losses(run)[0]) >= 3):  # flushed at every logged step
+                assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = (tmp_path / "err").read_text()
+    assert code == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    steps = sorted(logged_losses(run)[0])
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] >= 3 and steps == list(range(ckpt["global_step"]))
+    assert int(ckpt["state_dict"]["ema.n_averaged"]) == ckpt["global_step"]
+    assert not list((run / "checkpoints").glob("step*.ckpt"))

@@ -12,8 +12,8 @@ Every task (generation, regression, dynamics) trains through :func:`fit`, so all
   ``random``), restored just before the first resumed training batch, and validation does not draw from the
   training stream; a run stopped at the end of an epoch and resumed gives the same losses and weights as an
   uninterrupted one (single process; a resume mid-epoch restarts the epoch's data order, as Lightning does);
-* Ctrl-C (SIGINT): ``last.ckpt`` is saved at the current step, then :class:`KeyboardInterrupt` propagates
-  (the CLI exits with code 130);
+* Ctrl-C (SIGINT, single process): the current training step is finished, ``last.ckpt`` is saved at that step
+  and :class:`KeyboardInterrupt` propagates (the CLI exits with code 130); a second Ctrl-C stops at once;
 * multi-GPU / multi-process DDP via ``accelerator`` / ``devices``.
 """
 from __future__ import annotations
@@ -21,6 +21,9 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,17 +187,79 @@ def _reset_finished_epoch_batches(checkpoint: dict) -> None:
 class SaveLastCheckpoint(Callback):
     """Refresh ``last.ckpt`` when fitting ends (``max_time``/``max_steps``/``max_epochs``) and on Ctrl-C, so a resume
     never repeats the steps done since the last periodic checkpoint. Only one ModelCheckpoint may own ``save_last``
-    (two would write ``last-v1.ckpt``), hence this separate callback."""
+    (two would write ``last-v1.ckpt``), hence this separate callback.
+
+    Ctrl-C (single process, main thread): the first SIGINT only asks to stop; the running training step finishes,
+    ``last.ckpt`` is written at its end (the same point as a periodic checkpoint, so no half-applied optimizer
+    step and the EMA matches the weights), and :class:`KeyboardInterrupt` is raised once that step is logged.
+    A second SIGINT interrupts at once (``last.ckpt`` is then saved wherever training stood).
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.stop_requested = False
+        self._stop_now = False
+        self._saved_step = 0  # global step last.ckpt was last written at (or resumed from)
+        self._previous_handler = None
+
+    # --- Ctrl-C ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:
+            self._restore_handler()
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nCtrl-C: stopping after this training step (press again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def _raise_if_stopping(self) -> None:
+        if self._stop_now:
+            self._stop_now = False
+            raise KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._raise_if_stopping()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._raise_if_stopping()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._raise_if_stopping()
+
+    # --- saving ----------------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._saved_step = int(checkpoint.get("global_step", 0))
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        # weights_only here is Lightning's "save the weights only" switch (off: the full training state)
+        trainer.save_checkpoint(str(self.path), weights_only=False)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stop_requested and not self._stop_now:
+            self._save(trainer)
+            self._stop_now = True  # raised at the next hook, after Lightning has logged this step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(str(self.path))
+        if self._stop_now:  # Ctrl-C on the very last step: last.ckpt is already written
+            self._raise_if_stopping()
+        self._save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
-            trainer.save_checkpoint(str(self.path))
+        self._restore_handler()
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > self._saved_step:
+            self._save(trainer)
 
 
 def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: list | None = None) -> pl.Trainer:
@@ -224,7 +289,9 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
         log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches,
         limit_val_batches=tc.limit_val_batches,
-        logger=[CSVLogger(str(out), name="csv"), TensorBoardLogger(str(out), name="tb")],
+        # metrics.csv is written at every logging step (Lightning's default: every 100 steps), so it is current
+        logger=[CSVLogger(str(out), name="csv", flush_logs_every_n_steps=tc.log_every_n_steps),
+                TensorBoardLogger(str(out), name="tb")],
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
@@ -307,10 +374,15 @@ def fit(task: pl.LightningModule, datamodule: pl.LightningDataModule, tc: Traine
     elif init is not None:
         init(task)
     trainer = make_trainer(tc, monitor=monitor)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) after the on_exception hooks ran
             raise KeyboardInterrupt from None
         raise
+    finally:
+        if main_thread:  # Lightning ignores SIGINT after a Ctrl-C; give the caller its handler back
+            signal.signal(signal.SIGINT, sigint)
     return trainer

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,9 +34,13 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 T = TypeVar("T")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), or its type name."""
-    text = str(exc).strip().splitlines()
+    """The first line of an exception's message (terminal escapes removed, at most 200 characters), or its type
+    name."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
 
 
@@ -81,6 +86,16 @@ def existing_checkpoint(path: str | os.PathLike | None, default: Path | None = N
     return path
 
 
+def _refused_unpickling(exc: BaseException) -> str | None:
+    """For torch's weights_only refusal, the reason it gives (e.g. ``Unsupported global: GLOBAL getattr was not an
+    allowed global by default``); else None. torch's own first line advises loading with weights_only=False."""
+    text = _ANSI.sub("", str(exc))
+    if "Weights only load failed" not in text:
+        return None
+    match = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\.?$)", text, flags=re.M)
+    return (match.group(1) if match else "objects other than tensors and plain data")[:200]
+
+
 def read_lightning(path: Path) -> dict:
     """The dict stored in a Lightning ``.ckpt`` (on CPU), read with ``weights_only=True``: tensors and plain
     Python data only, so a crafted file cannot run code while it is read.
@@ -94,6 +109,10 @@ def read_lightning(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types on corrupt files
+        refused = _refused_unpickling(exc)
+        if refused is not None:
+            raise DiffgenError(f"cannot read checkpoint {path}: it holds Python objects that only a full unpickling "
+                               f"would rebuild, which could run code, so it is refused ({refused})") from None
         raise DiffgenError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(ckpt, dict):
         raise DiffgenError(f"cannot read checkpoint {path}: not a Lightning checkpoint ({type(ckpt).__name__})")

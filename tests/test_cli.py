@@ -1,6 +1,7 @@
 """End-to-end CLI checks: sampling with the shipped weights, determinism, no silent overwrite, bad input."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -199,3 +200,79 @@ def test_two_runs_in_the_same_second_get_their_own_folders(tmp_path: Path, monke
     folders = [generate._make_out_dir(None, False) for _ in range(3)]
     assert [p.name for p in folders] == ["20260102-030405", "20260102-030405-2", "20260102-030405-3"]
     assert all(p.is_dir() for p in folders)
+
+
+class _TouchOnLoad:
+    """Unpickling this calls ``Path.touch(marker)``: the shape of a malicious checkpoint (any callable would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _crafted_checkpoint(path: Path, marker: Path) -> Path:
+    """A Lightning-looking ``.ckpt`` (torch zip file) whose unpickling would create ``marker``. Checked to be live:
+    its pickle, unpickled without torch's safeguards, does create the marker (then removed)."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    torch.save({"global_step": 7, "epoch": 0, "pytorch-lightning_version": "2.6.6",
+                "state_dict": {"w": torch.zeros(2)}, "hyper_parameters": _TouchOnLoad(marker)}, path)
+    with zipfile.ZipFile(path) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+        unpickler = pickle.Unpickler(io.BytesIO(zf.read(name)))
+        # tensor storages ('storage', type, key, location, numel): empty ones of the right type will do
+        unpickler.persistent_load = lambda pid: torch.TypedStorage(pid[4], dtype=pid[1].dtype, _internal=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage is deprecated
+            unpickler.load()
+    assert marker.is_file(), "the crafted checkpoint does not run its payload: the test would prove nothing"
+    marker.unlink()
+    return path
+
+
+_CHECKPOINT_COMMANDS = {
+    "sample": ["sample", "--n", "1", "--steps", "1", "--checkpoint", "{ckpt}", "--out", "{tmp}/s", "--no-novelty"],
+    "export": ["export", "{ckpt}", "{tmp}/g.safetensors"],
+    "regress evaluate": ["regress", "evaluate", "--checkpoint", "{ckpt}", "--limit", "1"],
+    "regress predict": ["regress", "predict", "{tmp}/methane.xyz", "--checkpoint", "{ckpt}"],
+    "regress export": ["regress", "export", "{ckpt}", "{tmp}/r.safetensors"],
+    "dynamics evaluate": ["dynamics", "evaluate", "--checkpoint", "{ckpt}"],
+    "dynamics predict": ["dynamics", "predict", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.xyz"],
+    "train (resume)": ["train", "--out-dir", "{tmp}/run", "trainer.accelerator=cpu", "model.hidden=16",
+                       "model.n_layers=2"],
+    "regress train (resume)": ["regress", "train", "--out-dir", "{tmp}/run", "trainer.accelerator=cpu",
+                               "model.hidden=16", "model.n_layers=2"],
+}
+
+
+@pytest.mark.parametrize("command", list(_CHECKPOINT_COMMANDS))
+def test_crafted_checkpoint_never_runs_code(tmp_path: Path, command: str, monkeypatch, capfd):
+    """Every command that reads a Lightning checkpoint (given as an argument, or found as last.ckpt in the run
+    folder a training resumes) refuses a crafted one with a one-line error and exit code 2, and its payload never
+    runs. (``diffgen.cli.main`` in-process; fd 2 captured.)"""
+    from diffgen.cli import main
+
+    marker = tmp_path / "PWNED"
+    ckpt = _crafted_checkpoint(tmp_path / "evil.ckpt", marker)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
+    (tmp_path / "methane.xyz").write_text("5\nmethane\nC 0 0 0\nH 0.63 0.63 0.63\nH -0.63 -0.63 0.63\n"
+                                          "H -0.63 0.63 -0.63\nH 0.63 -0.63 -0.63\n")
+    args = [a.format(ckpt=ckpt, tmp=tmp_path) for a in _CHECKPOINT_COMMANDS[command]]
+    monkeypatch.setattr(sys, "argv", ["diffgen", *args])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capfd.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: cannot read checkpoint"), lines[0]
+    assert ("last.ckpt" if "resume" in command else "evil.ckpt") in lines[0], lines[0]
+    assert "could run code, so it is refused (Unsupported global" in lines[0] and "\x1b" not in lines[0], lines[0]
+    assert not marker.exists()

@@ -1,6 +1,17 @@
-"""Lightning training on real QM9: a few steps, checkpoint, resume, export, and loading the export."""
+"""Lightning training on real QM9: a few steps, checkpoint, resume, export, and loading the export; an exact
+resume, the newest checkpoint picked, resume errors and Ctrl-C through the CLI."""
 from __future__ import annotations
 
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
 from diffgen.tasks.generation.checkpoints import export_generator, load_generator
@@ -9,13 +20,34 @@ from diffgen.tasks.generation.build import sample_molecules
 from diffgen.tasks.generation.module import train_generation
 
 
+#: A tiny generator run: 2 training batches per epoch, periodic checkpoints every 2 steps, every step logged.
+TINY = ["trainer.limit_val_batches=2", "trainer.ckpt_every_n_steps=2", "trainer.sample_every_n_epochs=1",
+        "trainer.n_eval_samples=3", "trainer.eval_steps=2", "trainer.limit_train_batches=2",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",
+        "model.hidden=16", "model.n_layers=2", "data.batch_size=8"]
+
+
 def tiny_config(out_dir, max_steps):
-    return load_config("diffgen/configs/qm9_egnn.yaml", [
-        f"trainer.out_dir={out_dir}", f"trainer.max_steps={max_steps}", "trainer.limit_val_batches=2",
-        "trainer.ckpt_every_n_steps=2", "trainer.sample_every_n_epochs=1", "trainer.n_eval_samples=3",
-        "trainer.eval_steps=2", "trainer.limit_train_batches=2", "trainer.accelerator=cpu", "trainer.devices=1",
-        "model.hidden=16", "model.n_layers=2", "data.batch_size=8",
-    ])
+    return load_config("diffgen/configs/qm9_egnn.yaml",
+                       [f"trainer.out_dir={out_dir}", f"trainer.max_steps={max_steps}", *TINY])
+
+
+def load_ckpt(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def logged_losses(run: Path) -> list[dict[int, float]]:
+    """Per CSV version (one per fit call, in order): {logged step: train/loss}."""
+    versions = sorted((run / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    out = []
+    for version in versions:
+        rows = csv.DictReader((version / "metrics.csv").open())
+        out.append({int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")})
+    return out
+
+
+def ckpt_names(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
 def test_train_checkpoint_resume_and_export(tmp_path):
@@ -24,7 +56,7 @@ def test_train_checkpoint_resume_and_export(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     assert task.trainer.global_step == 2
-    first_ckpt = torch.load(last, weights_only=False)
+    first_ckpt = load_ckpt(last)
     # EMA weights differ from the raw weights after training (decay < 1) and are finite
     ema = {k: v for k, v in first_ckpt["state_dict"].items() if k.startswith("ema.module.")}
     assert ema and all(torch.isfinite(v).all() for v in ema.values())
@@ -33,7 +65,7 @@ def test_train_checkpoint_resume_and_export(tmp_path):
     cfg2 = tiny_config(tmp_path / "run", max_steps=4)
     task2 = train_generation(cfg2)
     assert task2.trainer.global_step == 4
-    resumed = torch.load(last, weights_only=False)
+    resumed = load_ckpt(last)
     assert resumed["global_step"] == 4
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))  # atomic writes leave no debris
 
@@ -67,11 +99,178 @@ def test_ema_warmup_tracks_recent_weights():
     assert 0.05 < gap < 1.0
 
 
-def test_single_last_checkpoint(tmp_path):
-    """Only one last.ckpt is ever written (two save_last owners would create last-v1.ckpt and resume
-    from a stale file), and it holds the final step even when the run stops between periodic saves."""
-    cfg = tiny_config(tmp_path / "run", max_steps=3)  # periodic checkpoints every 2 steps
-    train_generation(cfg)
-    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert "last.ckpt" in names and not any(n.startswith("last-v") for n in names), names
-    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """A tiny run of 4 steps (2 epochs of 2 batches) without interruption."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train_generation(tiny_config(run, max_steps=4))
+    return run
+
+
+@pytest.mark.parametrize("resume_from", ["last", "periodic"])
+def test_resume_continues_the_uninterrupted_run_exactly(straight_run: Path, tmp_path: Path, resume_from: str):
+    """2 steps, then resumed to 4, equals 4 steps in one go: the same logged steps and losses, weights, EMA,
+    optimizer moments and clipping history (measured: bitwise equal, max |difference| 0.0).
+
+    ``last``: resume from last.ckpt, written when the first run ended (max_steps, after its validation);
+    ``periodic``: from step2.ckpt, written at the end of the batch before validation (as a Ctrl-C one is).
+    A restart from scratch would log steps 0 and 1 again, with the first run's losses, and the checkpoint's RNG
+    states, the EMA update before batch-end checkpoints and the clipping history are each needed (each checked
+    by removing it: different losses or weights)."""
+    from diffgen.tasks.trainer import resume_path
+
+    run = tmp_path / "run"
+    train_generation(tiny_config(run, max_steps=2))
+    if resume_from == "periodic":
+        for name in ("last.ckpt", "best.ckpt"):  # leave only the batch-end checkpoint of step 2
+            (run / "checkpoints" / name).unlink()
+    cfg = tiny_config(run, max_steps=4)
+    assert Path(resume_path(cfg.trainer)).name == ("last.ckpt" if resume_from == "last" else "step2.ckpt")
+    task = train_generation(cfg)
+    assert task.trainer.global_step == 4
+
+    straight = logged_losses(straight_run)
+    assert len(straight) == 1 and sorted(straight[0]) == [0, 1, 2, 3]
+    first, resumed = logged_losses(run)
+    assert sorted(first) == [0, 1] and sorted(resumed) == [2, 3]  # the resumed run did steps 2 and 3 only
+    assert {**first, **resumed} == straight[0]  # exact float equality of every step's loss
+
+    a, b = load_ckpt(straight_run / "checkpoints" / "last.ckpt"), load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"]) == (4, 2)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:  # raw weights, EMA weights and the EMA's update count
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=1e-7, msg=key)
+    assert int(b["state_dict"]["ema.n_averaged"]) == 4
+    torch.testing.assert_close(b["optimizer_states"][0]["state"], a["optimizer_states"][0]["state"], rtol=0, atol=1e-7)
+    assert b["grad_norms"] == a["grad_norms"] and len(a["grad_norms"]) == 4
+    torch.testing.assert_close(b["rng_states"], a["rng_states"], rtol=0, atol=0)
+
+
+def test_resume_path_takes_the_highest_global_step(tmp_path: Path):
+    """A stale last.ckpt (what Lightning left when it wrote later saves to last-vN.ckpt) loses to a newer periodic
+    checkpoint; on a tie last.ckpt wins, then a periodic one, then best.ckpt; an unreadable file is an error."""
+    from diffgen.config import TrainerConfig
+    from diffgen.errors import DiffgenError
+    from diffgen.tasks.trainer import resume_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    tc = TrainerConfig(out_dir=str(tmp_path))
+    assert resume_path(TrainerConfig(out_dir=str(tmp_path / "none"))) is None
+
+    def put(name: str, step: int) -> None:
+        torch.save({"global_step": step, "state_dict": {}}, folder / name)
+
+    put("last.ckpt", 2)
+    put("step6.ckpt", 6)
+    put("best.ckpt", 5)
+    assert Path(resume_path(tc)).name == "step6.ckpt"
+    put("best.ckpt", 6)
+    assert Path(resume_path(tc)).name == "step6.ckpt"  # same step: the periodic one, not the one after validation
+    put("last.ckpt", 6)
+    assert Path(resume_path(tc)).name == "last.ckpt"
+    (folder / "step7.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DiffgenError, match="cannot read checkpoint .*step7.ckpt"):
+        resume_path(tc)
+
+
+def test_resumes_from_the_newest_checkpoint_and_never_writes_last_v(tmp_path: Path):
+    """A run stopped before its first periodic checkpoint, resumed twice, never gets a last-vN.ckpt; last.ckpt holds
+    the final step even between periodic saves; a stale last.ckpt next to a newer step2.ckpt is passed over."""
+    run = tmp_path / "run"
+    train_generation(tiny_config(run, max_steps=1))  # stops before the first periodic checkpoint (every 2 steps)
+    assert ckpt_names(run) == ["last.ckpt"]
+    stale = tmp_path / "stale.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", stale)
+    train_generation(tiny_config(run, max_steps=3))
+    steps = {name: load_ckpt(run / "checkpoints" / name)["global_step"] for name in ckpt_names(run)}
+    assert steps == {"best.ckpt": 3, "last.ckpt": 3, "step2.ckpt": 2}  # last.ckpt: the final step, between saves
+
+    shutil.copy(stale, run / "checkpoints" / "last.ckpt")  # last.ckpt at step 1, step2.ckpt at step 2
+    (run / "checkpoints" / "best.ckpt").unlink()  # (at step 3) so that step2.ckpt is the newest
+    train_generation(tiny_config(run, max_steps=4))
+    losses = logged_losses(run)
+    assert [sorted(v) for v in losses] == [[0], [1, 2], [2, 3]]  # the third run resumed at step 2, not at 1
+    assert not any(name.startswith("last-v") for name in ckpt_names(run)), ckpt_names(run)
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "diffgen.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env, **kwargs)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, fragment: str) -> None:
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith("error:") and fragment in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def run_main(monkeypatch, capfd, *args: str) -> tuple[int, str]:
+    """``diffgen.cli.main`` in-process (no interpreter start-up): (exit code, everything written to fd 2)."""
+    from diffgen.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["diffgen", *args])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capfd.readouterr().err
+
+
+def test_cli_resume_errors_come_before_any_training_step(tmp_path: Path, monkeypatch, capfd):
+    """Resuming a run folder with another model size (a `python -m diffgen.cli train` subprocess), or from a
+    truncated last.ckpt (``diffgen.cli.main`` in-process), is a one-line error with exit code 2 that writes
+    nothing: no log version, no checkpoint."""
+    run = tmp_path / "run"
+    train_generation(tiny_config(run, max_steps=2))
+    cli = ["train", "--config", "qm9_egnn", "--out-dir", str(run), "trainer.max_steps=4", *TINY]
+    before = snapshot(run)
+    assert_one_line_error(run_cli(*cli, "model.hidden=32"), "does not fit the configured model (diffusion.")
+    assert snapshot(run) == before
+
+    last = run / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    before = snapshot(run)
+    code, stderr = run_main(monkeypatch, capfd, *cli)
+    assert_one_line_error(subprocess.CompletedProcess(cli, code, "", stderr), f"cannot read checkpoint {last}")
+    assert snapshot(run) == before
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path: Path):
+    """SIGINT during training (periodic checkpoints every 1,000 steps, none reached): exit code 130, no traceback,
+    and last.ckpt at the last finished step: its global step equals the steps in the CSV log, and its EMA has
+    had exactly that many updates (the step was finished, not cut in half)."""
+    run = tmp_path / "run"
+    args = ["train", "--config", "qm9_egnn", "--out-dir", str(run), "trainer.max_steps=100000",
+            "trainer.ckpt_every_n_steps=1000", "trainer.limit_val_batches=2", "trainer.sample_every_n_epochs=0",
+            "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1", "model.hidden=16",
+            "model.n_layers=2", "data.batch_size=8"]
+    metrics = run / "csv" / "version_0" / "metrics.csv"
+    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "diffgen.cli", *args], stdout=out, stderr=err, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while not (metrics.is_file() and len(logged_losses(run)[0]) >= 3):  # flushed at every logged step
+                assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = (tmp_path / "err").read_text()
+    assert code == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    steps = sorted(logged_losses(run)[0])
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] >= 3 and steps == list(range(ckpt["global_step"]))
+    assert int(ckpt["state_dict"]["ema.n_averaged"]) == ckpt["global_step"]
+    assert not list((run / "checkpoints").glob("step*.ckpt"))

@@ -91,10 +91,10 @@ class PairsDataModule(pl.LightningDataModule):
 def train_dynamics(cfg: DynamicsConfig) -> DynamicsTask:
     """Train (or resume from the newest checkpoint in ``cfg.trainer.out_dir``) the dynamics model
     (:func:`diffgen.tasks.trainer.fit`); ``optim.init_from`` gives starting weights for a fresh run."""
-    from diffgen.tasks.trainer import fit
+    from diffgen.tasks.trainer import fit, seed_everything
 
     dm = PairsDataModule(cfg)  # validates the data (frames, shapes) before anything is printed
-    pl.seed_everything(cfg.trainer.seed, workers=True)
+    seed_everything(cfg.trainer.seed)
     task = DynamicsTask(cfg.to_dict())
 
     def init(t: DynamicsTask) -> None:

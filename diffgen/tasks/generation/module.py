@@ -45,8 +45,17 @@ class GenerationTask(pl.LightningModule):
         self.log("train/molecules", float(batch.num_graphs), reduce_fx="sum", batch_size=batch.num_graphs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # the EMA follows each optimizer step here, not in on_train_batch_end: callbacks run before the module's
+        # batch-end hook, so a checkpoint saved at a batch end would hold an EMA one update behind its weights
         self.ema.update_parameters(self.diffusion)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grad_norms"] = list(self._grad_norms)  # the adaptive clipping's history, so a resume clips alike
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._grad_norms = deque((float(v) for v in checkpoint.get("grad_norms", [])), maxlen=self._grad_norms.maxlen)
 
     def validation_step(self, batch, batch_idx):
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)  # same noise every epoch
@@ -135,9 +144,9 @@ def train_generation(cfg: GenerationConfig) -> GenerationTask:
     Returns the trained task; the best/last checkpoints are in ``cfg.trainer.out_dir/checkpoints``.
     """
     from diffgen.data.datamodule import QM9DataModule
-    from diffgen.tasks.trainer import fit
+    from diffgen.tasks.trainer import fit, seed_everything
 
-    pl.seed_everything(cfg.trainer.seed, workers=True)
+    seed_everything(cfg.trainer.seed)
     dm = QM9DataModule(cfg.data.root, cfg.data.batch_size, cfg.data.remove_h, cfg.data.num_workers, cfg.data.subset)
     task = GenerationTask(cfg.to_dict(), dm.node_histogram().tolist())
     init = None if cfg.optim.init_from is None else (lambda t: t.init_weights_from(cfg.optim.init_from))

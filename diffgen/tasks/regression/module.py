@@ -132,9 +132,9 @@ def train_regression(cfg: RegressionConfig) -> RegressionTask:
     Checkpoints (best by ``val/loss``, last, periodic) land in ``cfg.trainer.out_dir/checkpoints``.
     """
     from diffgen.data.datamodule import QM9DataModule
-    from diffgen.tasks.trainer import fit
+    from diffgen.tasks.trainer import fit, seed_everything
 
-    pl.seed_everything(cfg.trainer.seed, workers=True)
+    seed_everything(cfg.trainer.seed)
     d = cfg.data
     dm = QM9DataModule(d.root, d.batch_size, remove_h=False, num_workers=d.num_workers, subset=d.subset)
     dm.setup()

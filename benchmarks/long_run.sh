@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The default generator's long training run, continued across sessions (issue: ship weights at >= 96 % atom
+# stability). One process, pinned to THREADS torch threads (1 while you work on the other core, 2 when idle).
+#
+#   bash benchmarks/long_run.sh [HOURS] [THREADS]        # e.g. bash benchmarks/long_run.sh 2.1 1 &
+#
+# Resumes from RUN/checkpoints (the newest checkpoint) when the folder is still on this machine; otherwise starts
+# from the committed training state (EMA + trained weights, benchmarks/state/qm9_egnn_long.safetensors, written by
+# `diffgen export --with-raw --dtype fp32`) with a 300-step learning-rate warm-up for the fresh optimizer.
+# Before the session ends: export, score and commit (see benchmarks/results/generation.md, "Learning curve").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HOURS=${1:-2}
+THREADS=${2:-1}
+RUN=${RUN:-/work/runs/qm9_long}
+STATE=benchmarks/state/qm9_egnn_long.safetensors
+minutes=$(python3 -c "print(int(float('$HOURS') * 60))")
+# The run stops by Ctrl-C (SIGINT) after HOURS: diffgen then finishes the current step and saves last.ckpt there.
+# (trainer.max_time would count the time of earlier sessions too: Lightning restores it from the checkpoint.)
+args=(--config qm9_egnn --out-dir "$RUN" trainer.max_steps=-1 trainer.max_time=null
+      trainer.limit_val_batches=0.05 trainer.sample_every_n_epochs=0 trainer.ckpt_every_n_steps=500)
+if ! ls "$RUN"/checkpoints/*.ckpt >/dev/null 2>&1; then
+    args+=("optim.init_from=$STATE" optim.warmup_steps=300)
+    echo "long run: no checkpoint in $RUN; starting from $STATE" >&2
+fi
+OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS exec timeout --signal=INT --kill-after=300 "${minutes}m" \
+    diffgen train "${args[@]}"

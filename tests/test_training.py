@@ -274,3 +274,23 @@ def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path: Path):
     assert ckpt["global_step"] >= 3 and steps == list(range(ckpt["global_step"]))
     assert int(ckpt["state_dict"]["ema.n_averaged"]) == ckpt["global_step"]
     assert not list((run / "checkpoints").glob("step*.ckpt"))
+
+
+def test_resumes_a_checkpoint_written_before_the_egnn_block_split(tmp_path: Path):
+    """Runs trained before EGNNLayer was split into MessageBlock + EquivariantUpdate stored flat parameter names
+    (``layers.0.edge_in.src.weight``); resuming them must work (the layer's load pre-hook renames them), not
+    be refused as "another model"."""
+    import re
+
+    train_generation(tiny_config(tmp_path / "run", max_steps=2))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    old = {re.sub(r"(layers\.\d+\.)(?:message|update)\.", r"\1", k): v for k, v in ckpt["state_dict"].items()}
+    assert any(".layers.0.edge_in." in k for k in old) and not any(".message." in k for k in old)
+    ckpt["state_dict"] = old
+    for p in last.parent.glob("*.ckpt"):
+        p.unlink()
+    torch.save(ckpt, last)
+    # with a checkpoint in the run folder, fit() either resumes from it or raises (it never starts afresh)
+    task = train_generation(tiny_config(tmp_path / "run", max_steps=3))
+    assert task.trainer.global_step == 3

@@ -329,6 +329,11 @@ def check_resumable(task: pl.LightningModule, path: str) -> None:
     state = read_lightning(Path(path)).get("state_dict")
     if not isinstance(state, dict):
         raise DiffgenError(f"cannot resume from {path}: it holds no state_dict")
+    try:  # load_state_dict runs the modules' pre-hooks (e.g. EGNN weights saved under their pre-split names)
+        task.load_state_dict(state, strict=True)
+        return
+    except RuntimeError as exc:
+        detail = first_line(exc)
     own = task.state_dict()
     shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
               if isinstance(state.get(k), torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)]
@@ -340,12 +345,6 @@ def check_resumable(task: pl.LightningModule, path: str) -> None:
                   + (f", and {len(shapes) - 1} more tensors differ" if len(shapes) > 1 else ""))
     elif missing or extra:
         detail = f"{len(missing)} tensors missing, {len(extra)} unexpected, e.g. {(missing or extra)[0]}"
-    else:
-        try:
-            task.load_state_dict(state, strict=True)
-            return
-        except RuntimeError as exc:
-            detail = first_line(exc)
     raise DiffgenError(f"cannot resume from {path}: it does not fit the configured model ({detail}); "
                        "use the run's own config or another --out-dir")
 

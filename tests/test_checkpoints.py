@@ -270,3 +270,10 @@ def test_generator_export_with_raw_weights_restarts_training_where_it_was(tmp_pa
     sampled = load_generator(both).diffusion.state_dict()
     for k, v in task.ema.module.state_dict().items():
         torch.testing.assert_close(sampled[k], v, rtol=0, atol=0)
+    # the loaded average survives the first EMA updates (blended at the configured decay, not overwritten)
+    fresh.ema.update_parameters(fresh.diffusion)
+    d = cfg.optim.ema_decay
+    for k, v in fresh.ema.module.state_dict().items():
+        if v.is_floating_point() and k in dict(fresh.diffusion.named_parameters()):
+            expected = d * task.ema.module.state_dict()[k] + (1 - d) * task.diffusion.state_dict()[k]
+            torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-6, msg=k)

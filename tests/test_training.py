@@ -28,7 +28,7 @@ TINY = ["trainer.limit_val_batches=2", "trainer.ckpt_every_n_steps=2", "trainer.
 
 
 def tiny_config(out_dir, max_steps):
-    return load_config("diffgen/configs/qm9_egnn.yaml",
+    return load_config("qm9_egnn",
                        [f"trainer.out_dir={out_dir}", f"trainer.max_steps={max_steps}", *TINY])
 
 

@@ -31,8 +31,9 @@ DEFAULT_CONFIG = "nbody_egnn"  # packaged config (diffgen/configs)
 @dynamics_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
-    dataset: str = typer.Option("nbody", help="Data set: nbody (3,000/2,000/2,000 charged-particle trajectories) "
-                                "or alanine_dipeptide (runs from `diffgen dynamics simulate`)."),
+    dataset: Optional[str] = typer.Option(None, help="Data set (default: the config's): nbody (3,000/2,000/2,000 "
+                                          "charged-particle trajectories) or alanine_dipeptide (runs from "
+                                          "`diffgen dynamics simulate`)."),
     config: str = typer.Option(DEFAULT_CONFIG, help="YAML config: a file, or the name of a packaged config."),
     out_dir: Optional[str] = typer.Option(None, help="Run folder (overrides trainer.out_dir); resumes from its newest checkpoint."),
     accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto (overrides trainer.accelerator)."),
@@ -44,7 +45,8 @@ def train(
     from diffgen.tasks.dynamics.config import load_dynamics_config
 
     overrides = list(ctx.args)
-    overrides.append(f"data.dataset={dataset}")
+    if dataset is not None:
+        overrides.append(f"data.dataset={dataset}")
     overrides += trainer_overrides(accelerator, devices, out_dir)
     cfg = load_dynamics_config(config, overrides)
     set_threads(threads)

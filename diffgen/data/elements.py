@@ -33,7 +33,7 @@ def z_to_index(z: torch.Tensor) -> torch.Tensor:
     """
     z = torch.as_tensor(z, dtype=torch.long)
     bad = (z < 0) | (z >= _Z_TO_INDEX.numel())
-    idx = _Z_TO_INDEX[z.clamp(0, _Z_TO_INDEX.numel() - 1)]
+    idx = _Z_TO_INDEX.to(z.device)[z.clamp(0, _Z_TO_INDEX.numel() - 1)]
     bad = bad | (idx < 0)
     if bool(bad.any()):
         unknown = sorted({int(v) for v in z[bad].tolist()})

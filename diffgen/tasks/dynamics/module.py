@@ -7,6 +7,8 @@ Adam lr 5e-4, batch 100; the reported number is the test MSE at the best-validat
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -98,9 +100,10 @@ def train_dynamics(cfg: DynamicsConfig) -> DynamicsTask:
     task = DynamicsTask(cfg.to_dict())
 
     def init(t: DynamicsTask) -> None:
+        from diffgen.checkpoint_files import load_weights
         from diffgen.tasks.dynamics.checkpoints import load
 
-        t.model.load_state_dict(load(cfg.optim.init_from)[0].state_dict())
+        load_weights(t.model, load(cfg.optim.init_from)[0].state_dict(), Path(cfg.optim.init_from))
 
     fit(task, dm, cfg.trainer, init=None if cfg.optim.init_from is None else init)
     return task

@@ -104,6 +104,9 @@ class GenerationTask(pl.LightningModule):
         ema, raw = read_training_weights(path)
         load_weights(self.ema.module, ema, Path(path))
         load_weights(self.diffusion, raw or ema, Path(path))
+        # AveragedModel copies the trained weights over the average while its count is 0: count the loaded average
+        # as long-established, so the next updates blend in at the configured decay instead of replacing it
+        self.ema.n_averaged.fill_(EMA_WARM_COUNT)
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         o = self.cfg.optim
         params = [p for p in self.diffusion.parameters() if p.grad is not None]
@@ -118,6 +121,10 @@ class GenerationTask(pl.LightningModule):
             self.log("train/grad_norm", norm, batch_size=1)
         elif o.clip_value > 0:
             torch.nn.utils.clip_grad_norm_(params, o.clip_value)
+
+
+#: EMA update count given to an average loaded with ``optim.init_from``: past the warm-up, the decay is the config's.
+EMA_WARM_COUNT = 10_000
 
 
 def ema_with_warmup(decay: float):

@@ -63,8 +63,8 @@ class TrainerConfig:
     precision: Precision = "32-true"
     seed: int = 0
     log_every_n_steps: int = bounded(50, ge=1)
-    limit_train_batches: float = bounded(1.0, gt=0)
-    limit_val_batches: float = bounded(1.0, ge=0)
+    limit_train_batches: int | float = bounded(1.0, gt=0)  # Lightning: a float is a fraction, an int a count
+    limit_val_batches: int | float = bounded(1.0, ge=0)
     ckpt_every_n_steps: int = bounded(1000, ge=1)
 
 
@@ -92,13 +92,25 @@ def drop_legacy_keys(values: dict | None) -> dict:
     return values
 
 
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
+class _Override:
+    """An override's value as YAML reads it, plus its raw text: ``str`` fields take the text (``out_dir=007``
+    stays ``"007"``, ``max_time=10:00:00:00`` is not read as a base-60 number), other fields the parsed value."""
+
+    __slots__ = ("raw", "value")
+
+    def __init__(self, raw: str, value: Any):
+        self.raw, self.value = raw, value
+
+
+def _is_str_field(hint: Any) -> bool:
+    return hint is str or (get_origin(hint) in (typing.Union, types.UnionType) and str in get_args(hint))
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check/convert a YAML value against a dataclass field's type hint; one-line error if it does not fit."""
     origin, args = get_origin(hint), get_args(hint)
+    if isinstance(value, _Override):
+        value = value.raw if _is_str_field(hint) and value.value is not None else value.value
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -107,6 +119,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _coerce(value, inner[0], key)
+        if set(inner) == {int, float}:  # a count or a fraction (Lightning's limit_*_batches): keep which it is
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            return _coerce(value, float, key)
         raise DiffgenError(f"config key {key} has an unsupported type {hint}")
     if value is None:
         raise DiffgenError(f"config key {key} may not be null")
@@ -136,9 +152,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise DiffgenError(f"config key {key} must be int, got {value!r}")
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise DiffgenError(f"config key {key} must be str, got {value!r}")
+        if isinstance(value, str):
+            return value
+        raise DiffgenError(f"config key {key} must be a string, got {value!r} (quote it in YAML)")
     if hint is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
@@ -217,6 +233,8 @@ def parse_overrides(overrides: list[str] | None) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if not isinstance(value, (dict, list)):
+            value = _Override(raw.strip(), value)
         node = out
         parts = path.strip().split(".")
         for part in parts[:-1]:

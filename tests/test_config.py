@@ -84,3 +84,31 @@ def test_old_regression_checkpoint_configs_still_load():
 def test_float_fields_refuse_infinity():
     with pytest.raises(DiffgenError, match="finite"):
         load_dynamics_config(None, [f"optim.lr={math.inf}"])
+
+
+def test_string_overrides_keep_their_text():
+    cfg = load_generation_config(None, ["trainer.out_dir=007", "trainer.max_time=10:00:00:00"])
+    assert cfg.trainer.out_dir == "007" and cfg.trainer.max_time == "10:00:00:00"  # not 7, not base-60 2160000
+    assert load_generation_config(None, ["trainer.out_dir=yes"]).trainer.out_dir == "yes"
+    assert load_generation_config(None, ["trainer.max_time=null"]).trainer.max_time is None
+
+
+def test_a_base60_number_in_yaml_is_refused_for_a_string_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_time: 10:00:00:00\n")  # YAML 1.1 reads this as the integer 2160000
+    with pytest.raises(DiffgenError, match="trainer.max_time must be a string, got 2160000 .quote it"):
+        load_generation_config(path)
+
+
+def test_batch_limits_keep_count_or_fraction():
+    cfg = load_generation_config(None, ["trainer.limit_train_batches=1", "trainer.limit_val_batches=0.05"])
+    assert cfg.trainer.limit_train_batches == 1 and isinstance(cfg.trainer.limit_train_batches, int)
+    assert cfg.trainer.limit_val_batches == 0.05 and isinstance(cfg.trainer.limit_val_batches, float)
+
+
+def test_cosine_schedules_need_an_end():
+    with pytest.raises(DiffgenError, match="scheduler=cosine needs"):
+        load_regression_config(None, ["trainer.max_epochs=-1", "trainer.max_steps=-1"])
+    assert load_regression_config(None, ["trainer.max_epochs=-1", "trainer.max_steps=100"]).trainer.max_steps == 100
+    with pytest.raises(DiffgenError, match="lr_schedule=cosine"):
+        load_dynamics_config(None, ["optim.lr_schedule=cosine", "trainer.max_epochs=-1"])

@@ -100,6 +100,8 @@ class DynamicsConfig(ConfigRoot):
             raise DiffgenError("data.frame_in and data.frame_out must differ")
         if self.model.vector_channels and not self.model.use_velocity:
             raise DiffgenError("model.vector_channels needs model.use_velocity=true")
+        if self.optim.lr_schedule == "cosine" and self.trainer.max_epochs < 1:
+            raise DiffgenError("optim.lr_schedule=cosine decays over trainer.max_epochs: set it to >= 1")
 
 
 def dynamics_config_from_dict(values: dict | None) -> DynamicsConfig:

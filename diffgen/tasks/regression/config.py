@@ -14,6 +14,7 @@ from typing import Literal
 from diffgen.config import (
     ConfigRoot, EGNNConfig, GraphKind, TrainerConfig, bounded, build_config, drop_legacy_keys, load_config,
 )
+from diffgen.errors import DiffgenError
 from diffgen.tasks.regression.targets import resolve_targets
 
 
@@ -60,6 +61,12 @@ class RegressionConfig(ConfigRoot):
     model: RegressionModelConfig = field(default_factory=RegressionModelConfig)
     optim: RegressionOptimConfig = field(default_factory=RegressionOptimConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/qm9_regress"))
+
+    def check(self) -> None:
+        """The cosine schedule decays over the planned steps: it needs trainer.max_steps or max_epochs."""
+        if self.optim.scheduler == "cosine" and self.trainer.max_steps < 0 and self.trainer.max_epochs < 0:
+            raise DiffgenError("optim.scheduler=cosine needs trainer.max_steps or trainer.max_epochs (no end to "
+                               "decay towards); set one, or optim.scheduler=none")
 
 
 def regression_config_from_dict(values: dict | None) -> RegressionConfig:

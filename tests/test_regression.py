@@ -15,10 +15,12 @@ from equivariance import assert_e3_equivariant, random_orthogonal
 from diffgen.errors import DiffgenError
 from diffgen.models.regressor import PropertyRegressor
 from diffgen.tasks.regression.checkpoints import build_model, export, load, save
-from diffgen.tasks.regression.config import RegressionConfig, load_regression_config, regression_config_from_dict
+from diffgen.tasks.regression.config import (
+    RegressionConfig, load_regression_config, regression_config_from_dict, resolve_targets,
+)
 from diffgen.tasks.regression.module import RegressionTask, target_stats
 from diffgen.tasks.regression.predict import evaluate_dataset, predict
-from diffgen.tasks.regression.targets import column_name, regression_values, resolve_targets
+from diffgen.tasks.regression.targets import column_name, regression_values
 
 HARTREE_MEV = 27211.386246
 # QM9 atomref table (Ramakrishnan et al. 2014), hartree, typed in independently of diffgen.data.qm9

@@ -46,7 +46,7 @@ def train(
     """Train a regressor. Extra arguments are config overrides: section.key=value (e.g. optim.lr=5e-4)."""
     from diffgen.config import trainer_overrides
     from diffgen.tasks.regression.config import load_regression_config
-    from diffgen.tasks.regression.targets import resolve_targets
+    from diffgen.tasks.regression.config import resolve_targets
 
     overrides = list(ctx.args)
     if target:

@@ -15,7 +15,34 @@ from diffgen.config import (
     ConfigRoot, EGNNConfig, GraphKind, TrainerConfig, bounded, build_config, drop_legacy_keys, load_config,
 )
 from diffgen.errors import DiffgenError
-from diffgen.tasks.regression.targets import resolve_targets
+from diffgen.data.qm9 import TARGETS
+
+
+_BY_LOWER = {t.lower(): t for t in TARGETS}
+
+
+def resolve_targets(names) -> list[str]:
+    """Canonical target names from user input: a list, or a comma-separated string; case-insensitive.
+
+    ``"gap"`` -> ``["gap"]``; ``"u0,cv"`` -> ``["U0", "Cv"]``.
+
+    Raises:
+        DiffgenError: empty list, unknown or repeated target.
+    """
+    if isinstance(names, str):
+        names = [names]
+    flat = [part.strip() for name in (names or []) for part in str(name).split(",") if part.strip()]
+    if not flat:
+        raise DiffgenError(f"no regression target given: choose from {', '.join(TARGETS)}")
+    out = []
+    for name in flat:
+        canon = _BY_LOWER.get(name.lower())
+        if canon is None:
+            raise DiffgenError(f"unknown target {name!r}: choose from {', '.join(TARGETS)}")
+        if canon in out:
+            raise DiffgenError(f"target {canon} given twice")
+        out.append(canon)
+    return out
 
 
 @dataclass

@@ -19,7 +19,6 @@ import torch
 from torch_geometric.utils import scatter
 
 from diffgen.data.qm9 import ATOMREF, TARGET_UNITS, TARGETS
-from diffgen.errors import DiffgenError
 
 #: Reported unit of each target (EGNN Table 3).
 REPORT_UNITS: dict[str, str] = {
@@ -40,33 +39,6 @@ REFERENCE_MAE: dict[str, dict[str, float]] = {
     "MACE": {"alpha": 0.038, "gap": 42, "homo": 22, "lumo": 19, "mu": 0.015, "Cv": 0.021, "G": 5.5, "H": 4.7,
              "r2": 0.210, "U": 4.1, "U0": 4.1, "zpve": 1.23},
 }
-
-_BY_LOWER = {t.lower(): t for t in TARGETS}
-
-
-def resolve_targets(names) -> list[str]:
-    """Canonical target names from user input: a list, or a comma-separated string; case-insensitive.
-
-    ``"gap"`` -> ``["gap"]``; ``"u0,cv"`` -> ``["U0", "Cv"]``.
-
-    Raises:
-        DiffgenError: empty list, unknown or repeated target.
-    """
-    if isinstance(names, str):
-        names = [names]
-    flat = [part.strip() for name in (names or []) for part in str(name).split(",") if part.strip()]
-    if not flat:
-        raise DiffgenError(f"no regression target given: choose from {', '.join(TARGETS)}")
-    out = []
-    for name in flat:
-        canon = _BY_LOWER.get(name.lower())
-        if canon is None:
-            raise DiffgenError(f"unknown target {name!r}: choose from {', '.join(TARGETS)}")
-        if canon in out:
-            raise DiffgenError(f"target {canon} given twice")
-        out.append(canon)
-    return out
-
 
 def column_name(target: str) -> str:
     """CSV column for a target with its unit, e.g. ``gap_meV``, ``alpha_bohr3``, ``Cv_cal_mol_K``."""

@@ -33,7 +33,8 @@ def pre_split_name(key: str) -> str:
     return re.sub(r"\.(message|update)\.", ".", key)
 
 
-@pytest.mark.parametrize("name", ["qm9_egnn", "qm9_egnn_eps7k", "qm9_regress_gap"])
+# qm9_egnn was replaced by weights written after the split (its references stay in the data file, unused)
+@pytest.mark.parametrize("name", ["qm9_egnn_eps7k", "qm9_regress_gap"])
 def test_shipped_weights_reproduce_pre_split_outputs(refs, name):
     path = PRETRAINED / f"{name}.safetensors"
     with safe_open(str(path), "pt") as f:  # the shipped file does use the old names: the rename hook is exercised

@@ -4,12 +4,15 @@
 #
 #   bash benchmarks/long_run.sh [HOURS] [THREADS]        # e.g. bash benchmarks/long_run.sh 2.1 1 &
 #
+# Needs the `diffgen` command on PATH (activate the environment diffgen is installed in first).
+#
 # Resumes from RUN/checkpoints (the newest checkpoint) when the folder is still on this machine; otherwise starts
 # from the committed training state (EMA + trained weights, benchmarks/state/qm9_egnn_long.safetensors, written by
 # `diffgen export --with-raw --dtype fp32`) with a 300-step learning-rate warm-up for the fresh optimizer.
 # Before the session ends: export, score and commit (see benchmarks/results/generation.md, "Learning curve").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v diffgen >/dev/null || { echo "error: diffgen is not on PATH (activate its environment)" >&2; exit 2; }
 HOURS=${1:-2}
 THREADS=${2:-1}
 RUN=${RUN:-/work/runs/qm9_long}

@@ -60,7 +60,11 @@ class TrainerConfig:
     max_time: str | None = None  # e.g. "00:02:00:00" (DD:HH:MM:SS)
     accelerator: str = "auto"
     devices: Any = "auto"
+    strategy: str = "auto"  # Lightning strategy, e.g. ddp (several processes; gloo on the CPU, NCCL on GPUs)
+    num_nodes: int = bounded(1, ge=1)
     precision: Precision = "32-true"
+    # float32 matmuls: highest (exact fp32) | high (TF32 on NVIDIA GPUs) | medium (bf16); torch.set_float32_matmul_precision
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
     seed: int = 0
     log_every_n_steps: int = bounded(50, ge=1)
     limit_train_batches: int | float = bounded(1.0, gt=0)  # Lightning: a float is a fraction, an int a count

@@ -285,6 +285,8 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
         max_time=tc.max_time,
         accelerator=tc.accelerator,
         devices=tc.devices,
+        strategy=tc.strategy,
+        num_nodes=tc.num_nodes,
         precision=tc.precision,
         log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches,
@@ -372,6 +374,7 @@ def fit(task: pl.LightningModule, datamodule: pl.LightningDataModule, tc: Traine
         check_resumable(task, ckpt)
     elif init is not None:
         init(task)
+    torch.set_float32_matmul_precision(tc.matmul_precision)
     trainer = make_trainer(tc, monitor=monitor)
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None

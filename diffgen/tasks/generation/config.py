@@ -22,6 +22,17 @@ class DataConfig:
     batch_size: int = bounded(64, ge=1)
     num_workers: int = bounded(0, ge=0)
     subset: Literal["half0", "half1"] | None = None  # EDM conditional-generation halves of the train split
+    # pyg: PyG DataLoader over the QM9 cache; resident: the splits as flat tensors on the training device, batches
+    # built by indexing (diffgen.data.packed). packed: a packed file (diffgen pack-qm9) to train from instead of
+    # the QM9 cache (no qm9pack/RDKit needed; implies resident)
+    loader: Literal["pyg", "resident"] = "pyg"
+    packed: str | None = None
+
+    def check(self) -> None:
+        if (self.loader == "resident" or self.packed) and (self.subset or self.num_workers):
+            raise DiffgenError("data.subset and data.num_workers need data.loader=pyg without data.packed")
+        if self.packed and self.remove_h:
+            raise DiffgenError("data.remove_h cannot apply to a packed file (it stores what it was packed with)")
 
 
 @dataclass
@@ -65,6 +76,9 @@ class GenerationTrainerConfig(TrainerConfig):
     sample_every_n_epochs: int = bounded(5, ge=0)  # periodic sampling metrics (0 = off)
     n_eval_samples: int = bounded(100, ge=0)
     eval_steps: int = bounded(100, ge=1)
+    # torch.compile the denoiser backbone for training (inductor, dynamic shapes; needs a C++ compiler on the CPU).
+    # Same function as eager (tests/test_training.py); +10-20 % molecules/s on the CPU (benchmarks/results/speedrun.md)
+    compile: bool = False
 
 
 @dataclass

@@ -150,12 +150,20 @@ def train_generation(cfg: GenerationConfig) -> GenerationTask:
 
     Returns the trained task; the best/last checkpoints are in ``cfg.trainer.out_dir/checkpoints``.
     """
-    from diffgen.data.datamodule import QM9DataModule
+    from diffgen.data.datamodule import PackedQM9DataModule, QM9DataModule
     from diffgen.tasks.trainer import fit, seed_everything
 
     seed_everything(cfg.trainer.seed)
-    dm = QM9DataModule(cfg.data.root, cfg.data.batch_size, cfg.data.remove_h, cfg.data.num_workers, cfg.data.subset)
+    d = cfg.data
+    if d.loader == "resident" or d.packed:
+        dm = PackedQM9DataModule(d.packed, d.root, d.batch_size, seed=cfg.trainer.seed, remove_h=d.remove_h)
+    else:
+        dm = QM9DataModule(d.root, d.batch_size, d.remove_h, d.num_workers, d.subset)
     task = GenerationTask(cfg.to_dict(), dm.node_histogram().tolist())
+    if cfg.trainer.compile:
+        # in place (nn.Module.compile): parameter names, hence checkpoints, stay those of the eager model; the EMA
+        # copy used for validation and sampling stays eager. Only the backbone: the loss has data-dependent shapes.
+        task.diffusion.denoiser.backbone.compile(dynamic=True)
     init = None if cfg.optim.init_from is None else (lambda t: t.init_weights_from(cfg.optim.init_from))
     fit(task, dm, cfg.trainer, init=init)
     return task

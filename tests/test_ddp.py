@@ -15,7 +15,8 @@ from tests.test_packed import head, packed_train  # noqa: F401 - fixture
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("loader", ["resident", "pyg"])
+# the PyG loader (Lightning injects a DistributedSampler) costs another ~20 s: behind -m slow
+@pytest.mark.parametrize("loader", ["resident", pytest.param("pyg", marks=pytest.mark.slow)])
 def test_ddp_two_cpu_processes(loader, packed_train, tmp_path):  # noqa: F811
     from diffgen.data.packed import save_packed
 

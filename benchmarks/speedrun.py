@@ -4,8 +4,9 @@ Trains a generator config **from scratch** for ``--molecules`` training molecule
 QM9's 100,000), then samples ``--n-score`` molecules from the EMA weights with the default sampler
 (dpm2m-sde, 50 steps) and scores them with the EDM metrics. Each run writes one JSON row to
 ``benchmarks/results/speedrun/<name>-seed<S>.json`` holding the command, commit, threads, machine load (1-minute
-load average before and after), seed, wall-clock, training molecules/s and the metrics; ``report`` turns the rows
-into the table of ``benchmarks/results/speedrun.md`` and a PNG (atom stability against training wall time).
+load average before, every 30 s during training, and after), seed, wall-clock, training molecules/s and the
+metrics; ``report`` turns the rows into the table of ``benchmarks/results/speedrun.md`` and a PNG (atom stability
+against training wall time).
 
 Usage::
 
@@ -29,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +59,12 @@ def _check(args) -> None:
         raise DiffgenError(f"--name must be a plain word, got {args.name!r}")
 
 
+def _sample_load(loads: list[float], stop: threading.Event, every_s: float = 30.0) -> None:
+    """Append the 1-minute load average every ``every_s`` seconds until ``stop`` is set."""
+    while not stop.wait(every_s):
+        loads.append(os.getloadavg()[0])
+
+
 def run(args) -> dict:
     """Train, sample, score; write and return the row."""
     import torch
@@ -81,9 +89,14 @@ def run(args) -> dict:
             f"trainer.seed={args.seed}", "trainer.ckpt_every_n_steps=1000000", "trainer.accelerator=cpu",
             "trainer.devices=1"])
         load_before = os.getloadavg()[0]
+        loads: list[float] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_load, args=(loads, stop), daemon=True)
+        sampler.start()
         t0 = time.perf_counter()
         task = train_generation(cfg)
         train_s = time.perf_counter() - t0
+        stop.set()
         seen = steps * cfg.data.batch_size
         ema = task.ema.module.eval()
         t1 = time.perf_counter()
@@ -99,7 +112,8 @@ def run(args) -> dict:
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "commit": _commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "threads": torch.get_num_threads(), "load_before": round(load_before, 2),
-        "load_after": round(os.getloadavg()[0], 2), "molecules_seen": seen, "steps": steps,
+        "load_after": round(os.getloadavg()[0], 2),
+        "load_mean": round(sum(loads) / len(loads), 2) if loads else None,  # 1-min load sampled every 30 s "molecules_seen": seen, "steps": steps,
         "train_s": round(train_s, 1), "train_molecules_per_s": round(seen / train_s, 1),
         "sampler": f"{DEFAULT_SAMPLER} {args.sampler_steps}", "n_scored": args.n_score,
         "sample_s": round(sample_s, 1), **scores,
@@ -112,13 +126,13 @@ def run(args) -> dict:
 
 def report(args) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
-    lines = ["| variant | seed | overrides | molecules seen | threads | load (before/after) | train min | train mol/s "
+    lines = ["| variant | seed | overrides | molecules seen | threads | load (before/mean/after) | train min | train mol/s "
              "| scored | atom stab % | mol stab % | valid % | valid & unique % | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['seed']} | `{' '.join(r['overrides']) or '-'}` | {r['molecules_seen']:,} | "
-            f"{r['threads']} | {r['load_before']}/{r['load_after']} | {r['train_s'] / 60:.1f} | "
+            f"{r['threads']} | {r['load_before']}/{r.get('load_mean') or '-'}/{r['load_after']} | {r['train_s'] / 60:.1f} | "
             f"{r['train_molecules_per_s']:.0f} | {r['n_scored']} | {100 * r['atom_stability']:.1f} | "
             f"{100 * r['mol_stability']:.1f} | {100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | "
             f"{r['commit']} |")

@@ -24,7 +24,7 @@ def test_smoke_speedrun_trains_scores_and_writes_its_row(tmp_path):
     assert row["n_scored"] == 3 and row["n_molecules"] == 3
     assert 0.0 <= row["atom_stability"] <= 1.0 and row["train_molecules_per_s"] > 0
     assert row["overrides"] == ["model.hidden=16", "model.n_layers=1", "data.batch_size=8"]
-    assert row["threads"] >= 1 and "load_before" in row and row["commit"]
+    assert row["threads"] >= 1 and "load_before" in row and "load_mean" in row and row["commit"]
 
 
 def test_bad_input_is_a_one_line_error_before_training(tmp_path):

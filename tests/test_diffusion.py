@@ -452,3 +452,16 @@ def test_unknown_parameterization_is_one_line_error():
 
     with pytest.raises(DiffgenError, match="diffusion.parameterization"):
         load_config(None, ["diffusion.parameterization=v"])
+
+
+def test_low_noise_t_sampling_is_beta_1_2():
+    """t_sampling=low_noise draws t with density 2 (1 - t): mean 1/3, P(t < 1/2) = 3/4; uniform: 1/2 and 1/2."""
+    from diffgen.tasks.generation.build import build_diffusion
+    from diffgen.tasks.generation.config import load_generation_config
+
+    for kind, mean, below_half in (("uniform", 0.5, 0.5), ("low_noise", 1 / 3, 0.75)):
+        cfg = load_generation_config(None, ["model.hidden=8", "model.n_layers=1", f"diffusion.t_sampling={kind}"])
+        t = build_diffusion(cfg).sample_t(200_000, torch.Generator().manual_seed(0))
+        assert t.min() >= 0 and t.max() <= 1
+        assert float(t.mean()) == pytest.approx(mean, abs=0.005)
+        assert float((t < 0.5).float().mean()) == pytest.approx(below_half, abs=0.005)

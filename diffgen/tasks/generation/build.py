@@ -18,7 +18,7 @@ def build_diffusion(cfg: GenerationConfig) -> VPDiffusion:
                     attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range)
     denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k)
     return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s), parameterization=d.parameterization,
-                       loss_weight=d.loss_weight, min_snr=d.min_snr)
+                       loss_weight=d.loss_weight, min_snr=d.min_snr, t_sampling=d.t_sampling)
 
 
 def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = DEFAULT_STEPS,

@@ -57,6 +57,7 @@ class DiffusionConfig:
     parameterization: Literal["eps", "x0"] = "eps"  # eps (EDM) | x0
     loss_weight: Literal["uniform", "min_snr"] = "uniform"  # uniform (EDM) | min_snr (Hang et al. 2023)
     min_snr: float = bounded(5.0, gt=0)
+    t_sampling: Literal["uniform", "low_noise"] = "uniform"  # training t: U(0, 1) (EDM) | Beta(1, 2), toward t = 0
 
 
 @dataclass

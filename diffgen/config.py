@@ -72,14 +72,44 @@ class TrainerConfig:
     ckpt_every_n_steps: int = bounded(1000, ge=1)
 
 
-@dataclass
-class EGNNConfig:
-    """Backbone fields shared by every task's model section (:class:`diffgen.models.egnn.EGNN`)."""
+#: Choices of ``model.backbone``: the EGNN or the E(3) transformer (see :class:`BackboneConfig`).
+Backbone = Literal["egnn", "e3transformer"]
 
+
+@dataclass
+class BackboneConfig:
+    """Backbone fields shared by every task's model section.
+
+    ``backbone`` picks the network: ``egnn`` (:class:`diffgen.models.egnn.EGNN`, default) or ``e3transformer``
+    (:class:`diffgen.models.e3transformer.E3Transformer`). Both read ``hidden`` (the EGNN's width; the transformer's
+    number of ``0e`` scalar channels) and ``n_layers``; ``attention`` and ``norm_factor`` are the EGNN's; ``lmax``
+    (highest irrep order, 1 or 2), ``l_channels`` (channels per l >= 1 irrep), ``heads``, ``num_basis`` and ``r_max``
+    (Gaussian radial basis on ``[0, r_max]``, length unit of the positions) are the transformer's.
+    """
+
+    backbone: Backbone = "egnn"
     hidden: int = bounded(256, ge=1)
     n_layers: int = bounded(9, ge=1)
     attention: bool = True
     norm_factor: float = bounded(1.0, gt=0)
+    lmax: int = bounded(1, ge=1, le=2)
+    l_channels: int = bounded(32, ge=1)
+    heads: int = bounded(4, ge=1)
+    num_basis: int = bounded(16, ge=1)
+    r_max: float = bounded(15.0, gt=0)
+
+    def check(self) -> None:
+        """The transformer's heads split the channels of every irrep: ``hidden`` and ``l_channels`` must divide."""
+        if self.backbone == "e3transformer":
+            for key in ("hidden", "l_channels"):
+                if getattr(self, key) % self.heads:
+                    raise DiffgenError(f"config key model.{key}={getattr(self, key)} must be a multiple of "
+                                       f"model.heads={self.heads} (backbone e3transformer)")
+
+    def transformer_kwargs(self) -> dict:
+        """Keyword arguments of :class:`~diffgen.models.e3transformer.E3Transformer` beyond the widths and depth."""
+        return {"lmax": self.lmax, "l_channels": self.l_channels, "heads": self.heads, "num_basis": self.num_basis,
+                "r_max": self.r_max}
 
 
 GraphKind = Literal["full", "radius", "knn"]

@@ -74,7 +74,8 @@ class Denoiser(nn.Module):
     predicted feature noise is the backbone's invariant output.
 
     Args:
-        backbone: module ``(h [N, N_FEATURES + 1], pos [N, 3], edge_index) -> (h [N, N_FEATURES], pos [N, 3])``.
+        backbone: module ``(h [N, N_FEATURES + 1], pos [N, 3], edge_index) -> (h [N, N_FEATURES], pos [N, 3])``, e.g.
+            :class:`~diffgen.models.egnn.EGNN` or :class:`~diffgen.models.e3transformer.E3Transformer`.
         graph: ``"full"`` (default), ``"radius"`` or ``"knn"``; see :mod:`diffgen.data.graphs`.
         cutoff, k: graph parameters for radius / knn.
     """

@@ -1,4 +1,4 @@
-"""Task heads built on the :class:`~diffgen.models.egnn.EGNN` backbone.
+"""Task heads built on the :class:`~diffgen.models.egnn.EGNN` backbone (or the E(3) transformer).
 
 :class:`VelocityEGNNDynamics` is the N-body dynamics model of Satorras et al. 2021 (EGNN, Sec. 5.1,
 eq. 7): positions are moved by the backbone's equivariant coordinate updates plus a learned,
@@ -12,6 +12,14 @@ with node feature ``|v_i|`` and edge features ``q_i q_j`` (charges) and ``|x_i -
 With ``pool_clusters = K > 0`` the model gets the EGHN hierarchy block (Han et al. 2022, Sec. 3;
 :mod:`diffgen.models.eghn`): atom EGNN (the backbone above) -> E-Pool into ``K`` clusters -> cluster EGNN ->
 E-UnPool -> one more atom EGNN layer refining the positions. ``K = 0`` is the flat model, unchanged.
+
+With ``backbone="e3transformer"`` (:class:`~diffgen.models.e3transformer.E3Transformer`) the velocity enters as a
+``1o`` input channel next to the same invariant features, charges as the same edge feature, and
+
+    x_i <- x_i + s v_i + d_i ,
+
+``d_i`` the transformer's ``1o`` output (its readout starts 100x smaller than e3nn's initialisation) and ``s`` one
+learned scalar starting at ``vel_init``, so the model also starts at ``x + vel_init v``.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from torch import nn
 
 from diffgen.data.graphs import fully_connected_edges
 from diffgen.models.eghn import EquivariantPooling
+from diffgen.models.e3transformer import E3Transformer
 from diffgen.models.egnn import EGNN
 
 
@@ -47,6 +56,9 @@ class VelocityEGNNDynamics(nn.Module):
         pool_layers: layers of the cluster EGNN (used only if ``pool_clusters > 0``).
         vector_channels: (needs ``use_velocity``) ``C`` equivariant vector channels per node, initialised with the
             velocity and updated by every layer (:class:`EGNN` ``vector_channels``); 0 is EGNN's eq. 7 model exactly.
+        backbone: ``"egnn"`` (default) or ``"e3transformer"`` (module docstring; no pooling or vector channels, and
+            ``attention``, ``norm_factor``, ``coords_range`` are unused).
+        transformer: further :class:`~diffgen.models.e3transformer.E3Transformer` arguments (``lmax``, ``heads``, ...).
 
     Shapes:
         ``forward(pos [B, n, 3], vel [B, n, 3], charges [B, n], types [B, n] (long, if n_types) or None,
@@ -59,18 +71,33 @@ class VelocityEGNNDynamics(nn.Module):
     where ``reg`` is invariant.
 
     Raises:
-        ValueError: ``pool_clusters < 0`` or ``pool_layers < 1`` with pooling (construction); wrong input shapes,
+        ValueError: ``pool_clusters < 0`` or ``pool_layers < 1`` with pooling, an unknown ``backbone``, pooling or
+            vector channels with the transformer (construction); wrong input shapes,
             missing ``types``, or ``pool_clusters`` larger than the number of atoms ``n`` (forward).
     """
 
     def __init__(self, hidden: int = 64, n_layers: int = 4, attention: bool = False, norm_factor: float = 1.0,
                  coords_range: float = 10.0, use_velocity: bool = True, use_charges: bool = True, n_types: int = 0,
-                 vel_init: float = 1.0, pool_clusters: int = 0, pool_layers: int = 2, vector_channels: int = 0):
+                 vel_init: float = 1.0, pool_clusters: int = 0, pool_layers: int = 2, vector_channels: int = 0,
+                 backbone: str = "egnn", transformer: dict | None = None):
         super().__init__()
         if pool_clusters < 0:
             raise ValueError(f"pool_clusters must be >= 0 (0 = no pooling), got {pool_clusters}")
+        if backbone not in ("egnn", "e3transformer"):
+            raise ValueError(f"unknown backbone {backbone!r}: choose egnn or e3transformer")
         self.use_velocity, self.use_charges, self.n_types = use_velocity, use_charges, n_types
-        self.pool_clusters = pool_clusters
+        self.pool_clusters, self.backbone_kind = pool_clusters, backbone
+        if backbone == "e3transformer":
+            if pool_clusters or vector_channels:
+                raise ValueError("pool_clusters and vector_channels need the EGNN backbone")
+            self.backbone = E3Transformer(1 + n_types, hidden=hidden, out_dim=1, n_layers=n_layers,
+                                          edge_dim=1 if use_charges else 0, velocity=use_velocity,
+                                          **(transformer or {}))
+            with torch.no_grad():  # small initial displacement d_i: start at x + vel_init v
+                self.backbone.readout_vec.weight.mul_(0.01)
+            if use_velocity:
+                self.vel_scale = nn.Parameter(torch.tensor(float(vel_init)))
+            return
         self.backbone = EGNN(1 + n_types, hidden=hidden, out_dim=hidden if pool_clusters else 1, n_layers=n_layers,
                              edge_dim=1 if use_charges else 0, attention=attention, norm_factor=norm_factor,
                              coords_range=coords_range, velocity=use_velocity, vector_channels=vector_channels)
@@ -111,6 +138,8 @@ class VelocityEGNNDynamics(nn.Module):
         if self.pool_clusters > n:
             raise ValueError(f"pool_clusters={self.pool_clusters} exceeds the {n} atoms per system")
         h, out = self.backbone(h, x, edge_index, edge_attr, v if self.use_velocity else None)
+        if self.backbone_kind == "e3transformer" and self.use_velocity:
+            out = out + self.vel_scale * v
         reg = None
         if self.pool_clusters:
             h, out, reg = self.pool(h.reshape(b, n, -1), out.reshape(b, n, 3))

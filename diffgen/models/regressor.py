@@ -1,9 +1,10 @@
-"""Molecular property regressor: invariant EGNN backbone + sum pooling + MLP head + target normalisation.
+"""Molecular property regressor: invariant backbone + sum pooling + MLP head + target normalisation.
 
 Architecture (EGNN QM9 model, Satorras et al. 2021, Sec. 5.3): node features ``one-hot(type) x (Z/9)^k``
-(k = 0..charge_power), :class:`~diffgen.models.egnn.EGNN` with ``invariant=True`` (no coordinate updates; edge
-features are squared interatomic distances in Å^2) on the molecular graph, a node MLP, sum pooling over atoms and a
-graph MLP giving one output per target.
+(k = 0..charge_power), an invariant backbone on the molecular graph - :class:`~diffgen.models.egnn.EGNN` with
+``invariant=True`` (no coordinate updates; edge features are squared interatomic distances in Å^2), or
+:class:`~diffgen.models.e3transformer.E3Transformer` with ``invariant=True`` (vector features inside, ``0e`` outputs
+only) - a node MLP, sum pooling over atoms and a graph MLP giving one output per target.
 
 The network predicts normalised values ``(v - mean) / MAD`` of the *regression values* ``v``: the property in
 reported units minus the sum of the atom references of the molecule's atoms (zero for most targets). The module holds
@@ -28,6 +29,7 @@ from torch_geometric.utils import scatter
 
 from diffgen.data.elements import NUM_TYPES, z_to_index
 from diffgen.data.graphs import build_edges
+from diffgen.models.e3transformer import E3Transformer
 from diffgen.models.egnn import EGNN
 
 MAX_Z = 9.0  # charge scale of the node features (fluorine)
@@ -35,7 +37,8 @@ _FLOAT64_BUFFERS = ("mean", "mad", "atomref")
 
 
 class PropertyRegressor(nn.Module):
-    """Invariant EGNN + sum pooling + MLP head with target normalisation and atom references.
+    """Invariant backbone (EGNN or E(3) transformer) + sum pooling + MLP head with target normalisation and atom
+    references.
 
     Args:
         targets: target names ``[T]`` (labels only, e.g. ``["gap"]``).
@@ -44,19 +47,23 @@ class PropertyRegressor(nn.Module):
         atomref: ``[Z_max + 1, T]`` atom reference per atomic number (reported units) added back by :meth:`predict`;
             None -> zeros for Z <= 9.
         units: reported unit of each target (labels only); None -> empty strings.
-        hidden, n_layers, attention, norm_factor: EGNN width/depth/attention/aggregation scale.
+        hidden, n_layers, attention, norm_factor: backbone width/depth, EGNN attention/aggregation scale.
+        backbone: ``"egnn"`` (module ``self.egnn``) or ``"e3transformer"`` (module ``self.transformer``).
+        transformer: further :class:`~diffgen.models.e3transformer.E3Transformer` arguments (``lmax``, ``heads``, ...).
         charge_power: node features ``one-hot [N, 5] x (Z/9)^k`` for k = 0..charge_power -> ``[N, 5 (p+1)]``.
         graph, cutoff, k: edge construction (:func:`diffgen.data.graphs.build_edges`).
 
     Raises:
-        ValueError: ``mean``, ``mad`` or ``atomref`` do not have one entry (column) per target, or ``mad <= 0``.
+        ValueError: ``mean``, ``mad`` or ``atomref`` do not have one entry (column) per target, ``mad <= 0``, or an
+            unknown ``backbone``.
     """
 
     def __init__(self, targets: Sequence[str], mean: Sequence[float] | None = None,
                  mad: Sequence[float] | None = None, atomref: torch.Tensor | None = None,
                  units: Sequence[str] | None = None, hidden: int = 128, n_layers: int = 7, attention: bool = True,
                  norm_factor: float = 1.0, charge_power: int = 2, graph: str = "full",
-                 cutoff: float | None = None, k: int | None = None):
+                 cutoff: float | None = None, k: int | None = None, backbone: str = "egnn",
+                 transformer: dict | None = None):
         super().__init__()
         self.targets = list(targets)
         self.units = list(units) if units is not None else [""] * len(self.targets)
@@ -72,13 +79,25 @@ class PropertyRegressor(nn.Module):
             raise ValueError("mad must be positive")
         self.charge_power, self.graph, self.cutoff, self.k = charge_power, graph, cutoff, k
         in_dim = NUM_TYPES * (charge_power + 1)
-        self.egnn = EGNN(in_dim=in_dim, hidden=hidden, out_dim=hidden, n_layers=n_layers, attention=attention,
-                         invariant=True, norm_factor=norm_factor)
+        if backbone == "egnn":  # attribute names are the state-dict prefixes of stored weights
+            self.egnn = EGNN(in_dim=in_dim, hidden=hidden, out_dim=hidden, n_layers=n_layers, attention=attention,
+                             invariant=True, norm_factor=norm_factor)
+        elif backbone == "e3transformer":
+            self.transformer = E3Transformer(in_dim=in_dim, hidden=hidden, out_dim=hidden, n_layers=n_layers,
+                                             invariant=True, **(transformer or {}))
+        else:
+            raise ValueError(f"unknown backbone {backbone!r}: choose egnn or e3transformer")
+        self.backbone_kind = backbone
         self.node_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.graph_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, n))
         self.register_buffer("mean", mean)
         self.register_buffer("mad", mad)
         self.register_buffer("atomref", atomref, persistent=False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The invariant backbone: ``self.egnn`` or ``self.transformer``."""
+        return self.egnn if self.backbone_kind == "egnn" else self.transformer
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.cuda()``, ``.half()`` ... move the statistics and atom references but keep them float64."""
@@ -108,7 +127,7 @@ class PropertyRegressor(nn.Module):
         """
         num_graphs = int(batch.max()) + 1 if num_graphs is None else num_graphs
         edge_index = build_edges(pos, batch, self.graph, cutoff=self.cutoff, k=self.k)
-        h, _ = self.egnn(self.features(z, pos.dtype), pos, edge_index)
+        h, _ = self.backbone(self.features(z, pos.dtype), pos, edge_index)
         pooled = scatter(self.node_mlp(h), batch, dim=0, dim_size=num_graphs, reduce="sum")
         return self.graph_mlp(pooled)
 

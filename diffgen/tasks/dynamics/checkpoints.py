@@ -29,7 +29,8 @@ def build_model(cfg: DynamicsConfig) -> VelocityEGNNDynamics:
                                 norm_factor=m.norm_factor, coords_range=m.coords_range,
                                 use_velocity=m.use_velocity, use_charges=m.use_charges, n_types=m.n_types,
                                 vel_init=m.vel_init, pool_clusters=m.pool_clusters, pool_layers=m.pool_layers,
-                                vector_channels=m.vector_channels)
+                                vector_channels=m.vector_channels, backbone=m.backbone,
+                                transformer=m.transformer_kwargs())
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

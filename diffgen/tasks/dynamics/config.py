@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from diffgen.config import (
-    ConfigRoot, EGNNConfig, TrainerConfig, bounded, build_config, drop_legacy_keys, load_config,
+    BackboneConfig, ConfigRoot, TrainerConfig, bounded, build_config, drop_legacy_keys, load_config,
 )
 from diffgen.data.md import MDSettings
 from diffgen.errors import DiffgenError
@@ -44,7 +44,7 @@ class DynamicsDataConfig:
 
 
 @dataclass
-class DynamicsModelConfig(EGNNConfig):
+class DynamicsModelConfig(BackboneConfig):
     hidden: int = bounded(64, ge=1)
     n_layers: int = bounded(4, ge=1)
     attention: bool = False
@@ -100,6 +100,11 @@ class DynamicsConfig(ConfigRoot):
             raise DiffgenError("data.frame_in and data.frame_out must differ")
         if self.model.vector_channels and not self.model.use_velocity:
             raise DiffgenError("model.vector_channels needs model.use_velocity=true")
+        if self.model.backbone != "egnn":
+            for key in ("vector_channels", "pool_clusters"):  # EGNN-only parts: the transformer has l_channels
+                if getattr(self.model, key):
+                    raise DiffgenError(f"config key model.{key} needs model.backbone=egnn "
+                                       f"(got {self.model.backbone})")
         if self.optim.lr_schedule == "cosine" and self.trainer.max_epochs < 1:
             raise DiffgenError("optim.lr_schedule=cosine decays over trainer.max_epochs: set it to >= 1")
 

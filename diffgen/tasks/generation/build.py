@@ -8,14 +8,20 @@ from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.diffusion.samplers import NodeCountDistribution, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.diffusion.vp import N_FEATURES, Denoiser, VPDiffusion
+from diffgen.models.e3transformer import E3Transformer
 from diffgen.models.egnn import EGNN
 
 
 def build_diffusion(cfg: GenerationConfig) -> VPDiffusion:
-    """The EDM process with an EGNN denoiser as described by ``cfg.model`` and ``cfg.diffusion``."""
+    """The EDM process with the denoiser described by ``cfg.model`` (``model.backbone``: EGNN or E(3) transformer,
+    whose ``1o`` output is the position displacement and its ``0e`` outputs the type outputs) and ``cfg.diffusion``."""
     m, d = cfg.model, cfg.diffusion
-    backbone = EGNN(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
-                    attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range)
+    if m.backbone == "e3transformer":
+        backbone = E3Transformer(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
+                                 **m.transformer_kwargs())
+    else:
+        backbone = EGNN(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
+                        attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range)
     denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k)
     return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s), parameterization=d.parameterization,
                        loss_weight=d.loss_weight, min_snr=d.min_snr, t_sampling=d.t_sampling)

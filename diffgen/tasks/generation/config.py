@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from diffgen.config import ConfigRoot, EGNNConfig, GraphKind, TrainerConfig, bounded, build_config, load_config
+from diffgen.config import BackboneConfig, ConfigRoot, GraphKind, TrainerConfig, bounded, build_config, load_config
 from diffgen.errors import DiffgenError
 
 
@@ -36,13 +36,14 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig(EGNNConfig):
+class ModelConfig(BackboneConfig):
     coords_range: float = bounded(15.0, gt=0)
     graph: GraphKind = "full"
     cutoff: float | None = bounded(None, gt=0)
     k: int | None = bounded(None, ge=1)
 
     def check(self) -> None:
+        super().check()
         if self.graph == "radius" and self.cutoff is None:
             raise DiffgenError("config key model.cutoff is needed with model.graph=radius")
         if self.graph == "knn" and self.k is None:

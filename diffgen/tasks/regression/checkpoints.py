@@ -47,7 +47,8 @@ def build_model(cfg: RegressionConfig, stats: dict | None = None) -> PropertyReg
     return PropertyRegressor(targets, stats.get("mean"), stats.get("mad"), atomref=atomref_table(targets),
                              units=[REPORT_UNITS[t] for t in targets], hidden=m.hidden, n_layers=m.n_layers,
                              attention=m.attention, norm_factor=m.norm_factor, charge_power=m.charge_power,
-                             graph=m.graph, cutoff=m.cutoff, k=m.k)
+                             graph=m.graph, cutoff=m.cutoff, k=m.k, backbone=m.backbone,
+                             transformer=m.transformer_kwargs())
 
 
 def _strip_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from diffgen.config import (
-    ConfigRoot, EGNNConfig, GraphKind, TrainerConfig, bounded, build_config, drop_legacy_keys, load_config,
+    BackboneConfig, ConfigRoot, GraphKind, TrainerConfig, bounded, build_config, drop_legacy_keys, load_config,
 )
 from diffgen.errors import DiffgenError
 from diffgen.data.qm9 import TARGETS
@@ -62,7 +62,7 @@ class RegressionTaskConfig:
 
 
 @dataclass
-class RegressionModelConfig(EGNNConfig):
+class RegressionModelConfig(BackboneConfig):
     hidden: int = bounded(128, ge=1)
     n_layers: int = bounded(7, ge=1)
     norm_factor: float = bounded(1.0, gt=0)  # EGNN QM9 sums messages without normalisation

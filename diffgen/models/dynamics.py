@@ -28,7 +28,6 @@ from torch import nn
 
 from diffgen.data.graphs import fully_connected_edges
 from diffgen.models.eghn import EquivariantPooling
-from diffgen.models.e3transformer import E3Transformer
 from diffgen.models.egnn import EGNN
 
 
@@ -90,6 +89,7 @@ class VelocityEGNNDynamics(nn.Module):
         if backbone == "e3transformer":
             if pool_clusters or vector_channels:
                 raise ValueError("pool_clusters and vector_channels need the EGNN backbone")
+            from diffgen.models.e3transformer import E3Transformer  # lazy: e3nn costs ~1.5 s of import
             self.backbone = E3Transformer(1 + n_types, hidden=hidden, out_dim=1, n_layers=n_layers,
                                           edge_dim=1 if use_charges else 0, velocity=use_velocity,
                                           **(transformer or {}))

@@ -29,7 +29,6 @@ from torch_geometric.utils import scatter
 
 from diffgen.data.elements import NUM_TYPES, z_to_index
 from diffgen.data.graphs import build_edges
-from diffgen.models.e3transformer import E3Transformer
 from diffgen.models.egnn import EGNN
 
 MAX_Z = 9.0  # charge scale of the node features (fluorine)
@@ -83,6 +82,7 @@ class PropertyRegressor(nn.Module):
             self.egnn = EGNN(in_dim=in_dim, hidden=hidden, out_dim=hidden, n_layers=n_layers, attention=attention,
                              invariant=True, norm_factor=norm_factor)
         elif backbone == "e3transformer":
+            from diffgen.models.e3transformer import E3Transformer  # lazy: e3nn costs ~1.5 s of import
             self.transformer = E3Transformer(in_dim=in_dim, hidden=hidden, out_dim=hidden, n_layers=n_layers,
                                              invariant=True, **(transformer or {}))
         else:

@@ -8,7 +8,6 @@ from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.diffusion.samplers import NodeCountDistribution, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.diffusion.vp import N_FEATURES, Denoiser, VPDiffusion
-from diffgen.models.e3transformer import E3Transformer
 from diffgen.models.egnn import EGNN
 
 
@@ -17,6 +16,7 @@ def build_diffusion(cfg: GenerationConfig) -> VPDiffusion:
     whose ``1o`` output is the position displacement and its ``0e`` outputs the type outputs) and ``cfg.diffusion``."""
     m, d = cfg.model, cfg.diffusion
     if m.backbone == "e3transformer":
+        from diffgen.models.e3transformer import E3Transformer  # lazy: e3nn costs ~1.5 s of import
         backbone = E3Transformer(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
                                  **m.transformer_kwargs())
     else:

@@ -2,7 +2,10 @@
 # The default generator's long training run, continued across sessions (issue: ship weights at >= 96 % atom
 # stability). One process, pinned to THREADS torch threads (1 while you work on the other core, 2 when idle).
 #
-#   bash benchmarks/long_run.sh [HOURS] [THREADS]        # e.g. bash benchmarks/long_run.sh 2.1 1 &
+#   bash benchmarks/long_run.sh [HOURS] [THREADS] [OVERRIDE ...]   # e.g. bash benchmarks/long_run.sh 2.1 1 &
+#
+# OVERRIDEs are extra config overrides, e.g. trainer.compile=true (the compiled backbone: the same function,
+# ~1.2x the molecules/s on the CPU; benchmarks/results/speedrun.md).
 #
 # Needs the `diffgen` command on PATH (activate the environment diffgen is installed in first).
 #
@@ -15,13 +18,14 @@ cd "$(dirname "$0")/.."
 command -v diffgen >/dev/null || { echo "error: diffgen is not on PATH (activate its environment)" >&2; exit 2; }
 HOURS=${1:-2}
 THREADS=${2:-1}
+shift $(( $# < 2 ? $# : 2 ))
 RUN=${RUN:-/work/runs/qm9_long}
 STATE=benchmarks/state/qm9_egnn_long.safetensors
 minutes=$(python3 -c "print(int(float('$HOURS') * 60))")
 # The run stops by Ctrl-C (SIGINT) after HOURS: diffgen then finishes the current step and saves last.ckpt there.
 # (trainer.max_time would count the time of earlier sessions too: Lightning restores it from the checkpoint.)
 args=(--config qm9_egnn --out-dir "$RUN" trainer.max_steps=-1 trainer.max_time=null
-      trainer.limit_val_batches=0.05 trainer.sample_every_n_epochs=0 trainer.ckpt_every_n_steps=500)
+      trainer.limit_val_batches=0.05 trainer.sample_every_n_epochs=0 trainer.ckpt_every_n_steps=500 "$@")
 if ! ls "$RUN"/checkpoints/*.ckpt >/dev/null 2>&1; then
     args+=("optim.init_from=$STATE" optim.warmup_steps=300)
     echo "long run: no checkpoint in $RUN; starting from $STATE" >&2

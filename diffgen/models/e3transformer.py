@@ -45,6 +45,8 @@ from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 from torch_geometric.utils import scatter, softmax
 
+from diffgen.models.inputs import check_backbone_inputs
+
 MAX_LMAX = 2
 
 
@@ -310,19 +312,7 @@ class E3Transformer(nn.Module):
     def forward(self, h: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor,
                 edge_attr: torch.Tensor | None = None, vel: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if h.dim() != 2 or h.shape[1] != self.in_dim:
-            raise ValueError(f"h must have shape [N, {self.in_dim}], got {tuple(h.shape)}")
-        if pos.dim() != 2 or pos.shape != (h.shape[0], 3):
-            raise ValueError(f"pos must have shape [{h.shape[0]}, 3], got {tuple(pos.shape)}")
-        if self.edge_dim and (edge_attr is None or tuple(edge_attr.shape) != (edge_index.shape[1], self.edge_dim)):
-            got = None if edge_attr is None else tuple(edge_attr.shape)
-            raise ValueError(f"edge_attr must have shape [{edge_index.shape[1]}, {self.edge_dim}], got {got}")
-        if not self.edge_dim and edge_attr is not None:
-            raise ValueError("edge_attr given but the E3Transformer was built with edge_dim=0: it would be ignored")
-        if self.velocity and (vel is None or vel.shape != pos.shape):
-            raise ValueError(f"vel must have shape {tuple(pos.shape)}, got {None if vel is None else tuple(vel.shape)}")
-        if not self.velocity and vel is not None:
-            raise ValueError("vel given but the E3Transformer was built with velocity=False: it would be ignored")
+        check_backbone_inputs("E3Transformer", self.in_dim, self.edge_dim, self.velocity, h, pos, edge_index, edge_attr, vel)
         sh, radial = self.edge_geometry(pos, edge_index)
         if self.edge_dim:
             radial = torch.cat([radial, edge_attr.to(radial.dtype)], dim=-1)

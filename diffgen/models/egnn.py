@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
+from diffgen.models.inputs import check_backbone_inputs
+
 
 def _soft_unit(v: torch.Tensor) -> torch.Tensor:
     """``v / sqrt(|v|^2 + 1)`` over the last axis: ~``v`` for short vectors, ~unit for long ones, smooth at 0.
@@ -314,19 +316,7 @@ class EGNN(nn.Module):
     def forward(self, h: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor,
                 edge_attr: torch.Tensor | None = None, vel: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if h.dim() != 2 or h.shape[1] != self.in_dim:
-            raise ValueError(f"h must have shape [N, {self.in_dim}], got {tuple(h.shape)}")
-        if pos.dim() != 2 or pos.shape != (h.shape[0], 3):
-            raise ValueError(f"pos must have shape [{h.shape[0]}, 3], got {tuple(pos.shape)}")
-        if self.edge_dim and (edge_attr is None or tuple(edge_attr.shape) != (edge_index.shape[1], self.edge_dim)):
-            got = None if edge_attr is None else tuple(edge_attr.shape)
-            raise ValueError(f"edge_attr must have shape [{edge_index.shape[1]}, {self.edge_dim}], got {got}")
-        if not self.edge_dim and edge_attr is not None:
-            raise ValueError("edge_attr given but the EGNN was built with edge_dim=0: it would be ignored")
-        if self.velocity and (vel is None or vel.shape != pos.shape):
-            raise ValueError(f"vel must have shape {tuple(pos.shape)}, got {None if vel is None else tuple(vel.shape)}")
-        if not self.velocity and vel is not None:
-            raise ValueError("vel given but the EGNN was built with velocity=False: it would be ignored")
+        check_backbone_inputs("EGNN", self.in_dim, self.edge_dim, self.velocity, h, pos, edge_index, edge_attr, vel)
         row, col = edge_index
         d0 = (pos[row] - pos[col]).pow(2).sum(-1, keepdim=True)
         extra = [edge_attr] if self.edge_dim else []

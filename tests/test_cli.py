@@ -153,7 +153,7 @@ def assert_user_error(result, fragment: str) -> None:
     (["sample", "--device", "cuda:7"], "--device cuda:7"),
     (["sample", "--device", "quantum"], "unknown --device"),
     (["sample", "--out", "missing/folder/x"], "folder missing/folder does not exist"),
-    (["draw", "samples.sdf", "--out", "grid.svg"], "grid.svg must end in .png"),
+    (["draw", "samples.sdf", "--out", "grid.jpg"], "grid.jpg must end in .png or .svg"),
     (["evaluate", "samples.xyz", "--json", "missing/m.json"], "folder missing does not exist"),
     (["export", "last.ckpt", "weights.bin"], "weights.bin must end in .safetensors"),
 ])

@@ -278,18 +278,19 @@ def export(
 @generate_app.command()
 def draw(
     file: Path = typer.Argument(..., help="Molecules (.sdf or .xyz) to depict."),
-    out: Path = typer.Option(..., help="Output PNG."),
+    out: Path = typer.Option(..., help="Output image: .png or .svg."),
     n: int = typer.Option(24, "--n", help="Draw at most this many molecules."),
     per_row: int = typer.Option(6, help="Molecules per row."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ):
-    """PNG grid of 2D depictions (heavy atoms, bonds inferred as in evaluation; invalid ones marked)."""
+    """Grid of 2D depictions (bonds inferred as in evaluation): captions give each molecule's index in the file and
+    its flags (EDM stability, RDKit validity, fragments, added hydrogens); atoms that break their valence are red."""
     from diffgen.eval.draw import draw_grid
     from diffgen.io import read_molecules
 
     check_positive("--n", n)
     check_positive("--per-row", per_row)
-    check_writable(out, overwrite, (".png",))
+    check_writable(out, overwrite, (".png", ".svg"))
     molecules = read_molecules(file)[:n]
     draw_grid(molecules, out, per_row=per_row)
     out_console.print(f"wrote {out} ({len(molecules)} molecules)")

@@ -15,6 +15,7 @@ FORBIDDEN = {
     "config": ("tasks", "cli"),
     "io": ("tasks", "cli"),
     "checkpoint_files": ("tasks", "cli"),
+    "devices": ("tasks", "cli"),
     "data": ("tasks", "cli"),
     "models": ("tasks", "cli"),
     "diffusion": ("tasks", "cli"),

@@ -30,7 +30,7 @@ from diffgen.errors import DiffgenError
 from diffgen.eval.bonds import as_numpy_molecule, type_indices
 from diffgen.eval.chem import to_rdkit
 
-__all__ = ["ensure_new", "write_sdf", "write_xyz", "read_molecules"]
+__all__ = ["ensure_new", "sdf_record", "write_sdf", "write_xyz", "read_molecules"]
 
 Molecule = tuple[np.ndarray, np.ndarray]
 
@@ -93,6 +93,23 @@ def _check_writable(path: Path, overwrite: bool):
         raise _error(f"cannot write {path}: directory {path.parent} does not exist")
 
 
+def sdf_record(z, pos, name: str, props: dict | None = None) -> Chem.RWMol:
+    """One SDF record as an RDKit molecule: atoms in input order, a 3D conformer (Å) and the EDM distance-inferred
+    bonds (:func:`diffgen.eval.chem.to_rdkit`), not sanitized (property cache updated leniently), titled ``name``,
+    with ``props`` as string properties (one line each; None values skipped).
+
+    Raises:
+        DiffgenError: malformed molecule or elements outside H, C, N, O, F.
+    """
+    mol = to_rdkit(z, pos, add_conformer=True)
+    mol.UpdatePropertyCache(strict=False)
+    mol.SetProp("_Name", name)
+    for key, value in (props or {}).items():
+        if value is not None:
+            mol.SetProp(_one_line(key), _one_line(value))
+    return mol
+
+
 def write_sdf(
     path: str | os.PathLike,
     molecules: Iterable,
@@ -131,15 +148,7 @@ def write_sdf(
     try:
         writer.SetKekulize(False)
         for k, (z, pos) in enumerate(mols):
-            mol = to_rdkit(z, pos, add_conformer=True)
-            mol.UpdatePropertyCache(strict=False)
-            mol.SetProp("_Name", f"mol_{k + 1}")
-            if props is not None:
-                for key, value in (props[k] or {}).items():
-                    if value is None:
-                        continue
-                    mol.SetProp(_one_line(key), _one_line(value))
-            writer.write(mol)
+            writer.write(sdf_record(z, pos, f"mol_{k + 1}", props[k] if props is not None else None))
     except OSError as exc:
         raise _error(f"cannot write {path}: {exc}") from None
     finally:

@@ -45,7 +45,8 @@ def test_sample_writes_rdkit_readable_sdf_and_xyz(sampled: Path):
     mols = [m for m in Chem.SDMolSupplier(str(sampled / "samples.sdf"), sanitize=False, removeHs=False)]
     assert len(mols) == 2 and all(m is not None for m in mols)
     assert all(m.GetConformer().Is3D() for m in mols)
-    assert all(m.HasProp("mol_stable") for m in mols)
+    for tag in ("edm_mol_stable", "edm_stable_atoms", "rdkit_valid", "n_fragments", "diffgen_index"):
+        assert all(m.HasProp(tag) for m in mols), tag
     xyz_frames = (sampled / "samples.xyz").read_text().split("\n")
     assert int(xyz_frames[0]) == mols[0].GetNumAtoms()
     assert (sampled / "metrics.json").is_file()
@@ -153,7 +154,7 @@ def assert_user_error(result, fragment: str) -> None:
     (["sample", "--device", "cuda:7"], "--device cuda:7"),
     (["sample", "--device", "quantum"], "unknown --device"),
     (["sample", "--out", "missing/folder/x"], "folder missing/folder does not exist"),
-    (["draw", "samples.sdf", "--out", "grid.svg"], "grid.svg must end in .png"),
+    (["draw", "samples.sdf", "--out", "grid.jpg"], "grid.jpg must end in .png or .svg"),
     (["evaluate", "samples.xyz", "--json", "missing/m.json"], "folder missing does not exist"),
     (["export", "last.ckpt", "weights.bin"], "weights.bin must end in .safetensors"),
 ])

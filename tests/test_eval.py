@@ -255,8 +255,27 @@ def test_generation_metrics_counts():
     assert metrics.smiles == [with_h("C"), with_h("C"), with_h("O"), None]
     assert metrics.stable == [True, True, True, False]
     rows = metrics.per_molecule()
-    assert rows[3] == {"smiles": None, "valid": False, "mol_stable": False, "n_stable_atoms": 5, "n_atoms": 6}
+    assert rows[3] == {"smiles": None, "valid": False, "mol_stable": False, "n_stable_atoms": 5, "n_atoms": 6,
+                       "n_fragments": 1, "implicit_hs": None}
+    assert [r["implicit_hs"] for r in rows[:3]] == [0, 0, 0] and [r["n_fragments"] for r in rows] == [1, 1, 1, 1]
     assert GenerationMetrics().compute()["novelty"] is None
+
+
+def test_rdkit_report_counts_fragments_and_added_hydrogens():
+    from diffgen.eval.chem import rdkit_report, sd_tags
+
+    z, pos = methane()
+    ch3 = rdkit_report(to_rdkit(z[:4], pos[:4]))  # valid for EDM, but only because RDKit adds an H
+    assert ch3 == {"smiles": "[H]C([H])[H]", "n_fragments": 1, "implicit_hs": 1}
+    both = rdkit_report(to_rdkit(*combine(translate(methane(), [10, 0, 0]), ethanol())))
+    assert both == {"smiles": with_h("CCO"), "n_fragments": 2, "implicit_hs": 0}
+    bad = rdkit_report(to_rdkit(*combine(pentavalent_carbon(), translate(water(), [10, 0, 0]))))
+    assert bad == {"smiles": None, "n_fragments": 2, "implicit_hs": None}
+    metrics = GenerationMetrics()
+    metrics.update([(z[:4], pos[:4])])
+    tags = sd_tags(metrics.per_molecule()[0])
+    assert tags == {"smiles": "[H]C([H])[H]", "edm_mol_stable": 0, "edm_stable_atoms": 3, "rdkit_valid": 1,
+                    "n_fragments": 1, "rdkit_implicit_hs": 1}
 
 
 def test_generation_metrics_empty():

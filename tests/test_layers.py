@@ -11,15 +11,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffgen"
 
 #: package part (first component under ``diffgen``) -> the parts it must never import
 FORBIDDEN = {
-    "errors": ("tasks", "cli"),
-    "config": ("tasks", "cli"),
-    "io": ("tasks", "cli"),
-    "checkpoint_files": ("tasks", "cli"),
-    "data": ("tasks", "cli"),
-    "models": ("tasks", "cli"),
-    "diffusion": ("tasks", "cli"),
-    "eval": ("tasks", "cli"),
-    "tasks": ("cli",),
+    "errors": ("tasks", "api", "cli"),
+    "config": ("tasks", "api", "cli"),
+    "io": ("tasks", "api", "cli"),
+    "checkpoint_files": ("tasks", "api", "cli"),
+    "devices": ("tasks", "api", "cli"),
+    "data": ("tasks", "api", "cli"),
+    "models": ("tasks", "api", "cli"),
+    "diffusion": ("tasks", "api", "cli"),
+    "eval": ("tasks", "api", "cli"),
+    "tasks": ("cli", "api"),
+    "api": ("cli",),
 }
 
 

@@ -1,7 +1,8 @@
 """Helpers shared by the CLI commands: threads, devices, progress bars, splits, the output guard, JSON.
 
 The output guard :func:`check_writable` is :func:`diffgen.checkpoint_files.check_writable` (one guard for the
-exports and the CLI), re-exported here.
+exports and the CLI), and :func:`check_device` is :func:`diffgen.devices.check_device` (shared with the Python API),
+both re-exported here.
 
 Every check here runs **before** long work starts and raises :class:`~diffgen.errors.DiffgenError` with one line;
 :func:`diffgen.cli.main` prints it as ``error: ...`` and exits with code 2.
@@ -15,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from diffgen.checkpoint_files import check_writable  # noqa: F401 - the one output guard, re-exported for the CLI
+from diffgen.devices import check_device  # noqa: F401 - the one device check, re-exported for the CLI
 from diffgen.errors import DiffgenError
 
 console = Console(stderr=True)
@@ -47,33 +49,6 @@ def check_split(split: str) -> None:
     """Raises DiffgenError unless ``split`` is one of test, valid, train."""
     if split not in SPLITS:
         raise DiffgenError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
-
-
-def check_device(device: str) -> str:
-    """A torch device string that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
-
-    Raises:
-        DiffgenError: unknown device name, or a device this machine does not have.
-    """
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DiffgenError(f"unknown --device {device!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cpu":
-        return device
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DiffgenError(f"--device {device} requested but no CUDA GPU is available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DiffgenError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return device
-    if dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DiffgenError(f"--device {device} requested but MPS is not available on this machine")
-        return device
-    raise DiffgenError(f"unsupported --device {device!r}: use cpu, cuda, cuda:N or mps")
 
 
 def write_json(path: Path, data: dict) -> None:

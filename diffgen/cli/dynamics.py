@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from diffgen.cli.common import (
-    check_split, check_writable, console, out_console, progress, set_threads, write_json,
+    check_device, check_split, check_writable, console, out_console, progress, set_threads, write_json,
 )
 from diffgen.errors import DiffgenError
 
@@ -68,9 +68,11 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the MSEs to this JSON file."),
     overwrite: bool = typer.Option(False, help="Replace the --json file if it exists."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
 ):
     """Position MSE on a split (or a trajectory file), beside identity/constant-velocity baselines and the EGNN table."""
     check_split(split)
+    check_device(device)
     if json_out is not None:
         check_writable(json_out, overwrite, (".json",))
     if not checkpoint.is_file():
@@ -85,7 +87,7 @@ def evaluate(
     from diffgen.tasks.dynamics.data import pairs_dataset, trajectory_pairs
     from diffgen.tasks.dynamics.evaluate import REFERENCE_NBODY_MSE, evaluate_pairs
 
-    model, cfg = load(checkpoint)
+    model, cfg = load(checkpoint, device=device)
     if traj is not None and cfg.model.n_types:
         raise DiffgenError("--data supports N-body style models only (this checkpoint needs atom types)")
     if traj is not None:
@@ -156,6 +158,7 @@ def predict(
     index: int = typer.Option(0, help="Trajectory (N-body) or run (MD) index inside the split."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
 ):
     """Write predicted frames as a multi-frame XYZ.
 
@@ -164,6 +167,7 @@ def predict(
     t + lag made from frame t (one-step predictions; comment lines give t and the frame's MSE).
     """
     check_split(split)
+    check_device(device)
     check_writable(out, overwrite, (".xyz",))
     if not checkpoint.is_file():
         raise DiffgenError(f"checkpoint not found: {checkpoint}")
@@ -171,7 +175,7 @@ def predict(
     from diffgen.tasks.dynamics.checkpoints import load
     from diffgen.tasks.dynamics.predict import predict_frames, write_xyz_frames
 
-    model, cfg = load(checkpoint)
+    model, cfg = load(checkpoint, device=device)
     pred = predict_frames(model, cfg, split, index)
     write_xyz_frames(out, pred.symbols, pred.frames, pred.comments)
     out_console.print(f"wrote {out}: {pred.summary}")

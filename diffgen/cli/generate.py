@@ -131,8 +131,36 @@ def _make_out_dir(out: Optional[Path], overwrite: bool) -> Path:
     return out
 
 
-#: Files ``diffgen sample`` writes into its output folder.
+#: Files ``diffgen sample`` writes into its output folder (plus ``trajectory_<k>.xyz`` with ``--trajectory``).
 OUTPUT_FILES = ("samples.sdf", "samples.xyz", "metrics.json")
+
+
+def parse_atom_counts(text: str) -> list[int]:
+    """``--n-atoms`` text: ``"12"``, a list ``"9,12"``, a range ``"10-15"`` or a mix (``"5,10-12"``) -> the counts.
+
+    Raises:
+        DiffgenError: anything else (the message quotes the text).
+    """
+    counts: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            if sep:
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise ValueError
+                counts.extend(range(a, b + 1))
+            else:
+                counts.append(int(lo))
+        except ValueError:
+            raise DiffgenError(f"--n-atoms {text!r}: give a count (12), a list (9,12) or a range (10-15)") from None
+    return counts
+
+
+def trajectory_files(out_dir: Path, k: int) -> list[Path]:
+    """The ``--trajectory`` files: ``trajectory_<i>.xyz`` for the first ``k`` written molecules (``i`` 1-based, as
+    the SDF records ``mol_<i>``)."""
+    return [out_dir / f"trajectory_{i}.xyz" for i in range(1, k + 1)]
 
 
 @generate_app.command()
@@ -142,49 +170,97 @@ def sample(
     steps: int = typer.Option(DEFAULT_STEPS, help="Denoising steps (network evaluations per molecule)."),
     sampler: str = typer.Option(DEFAULT_SAMPLER, help="ancestral (EDM, stochastic), dpm2m-sde (SDE-DPM-Solver++(2M), "
                                 "stochastic) or dpm2m (DPM-Solver++(2M), deterministic ODE)."),
-    seed: int = typer.Option(0, help="Random seed: the same seed gives the same molecules."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same molecules, whatever --batch-size."),
     batch_size: int = typer.Option(100, help="Molecules per network call."),
+    n_atoms: Optional[str] = typer.Option(None, "--n-atoms", help="Atom counts instead of the training "
+                                          "distribution: 12, a list 9,12 or a range 10-15 (taken in turn)."),
+    keep: str = typer.Option("all", help="all, valid (RDKit sanitization, EDM validity) or stable (EDM molecule "
+                             "stability): sample until --n molecules pass, at most --max-attempts."),
+    max_attempts: Optional[int] = typer.Option(None, help="Cap on sampled molecules with --keep valid|stable "
+                                               "(default: 10 x --n)."),
+    trajectory: int = typer.Option(0, help="Also write the denoising chain of the first K molecules as "
+                                   "trajectory_<k>.xyz (steps + 1 frames each, prior draw first)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: a new diffgen_samples/<time> folder)."),
-    overwrite: bool = typer.Option(False, help="Replace samples.sdf, samples.xyz and metrics.json if they exist in --out."),
+    overwrite: bool = typer.Option(False, help="Replace samples.sdf, samples.xyz, metrics.json (and trajectory "
+                                   "files) if they exist in --out."),
     novelty: Optional[bool] = typer.Option(None, "--novelty/--no-novelty",
                                            help="Novelty vs QM9 train (default: only if its reference is cached)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda or mps."),
 ):
     """Generate 3D molecules, write SDF + XYZ, and print their EDM quality metrics."""
+    import torch
+
+    import diffgen
+    from diffgen.checkpoint_files import file_sha256
     from diffgen.diffusion.samplers import get_sampler
-    from diffgen.eval.chem import GenerationMetrics
+    from diffgen.eval.chem import sd_tags
     from diffgen.io import write_sdf, write_xyz
-    from diffgen.tasks.generation.build import sample_molecules
+    from diffgen.tasks.generation.build import KEEP_CHOICES, MAX_ATTEMPTS_FACTOR, check_atom_counts, \
+        generate_molecules
     from diffgen.tasks.generation.checkpoints import load
 
     check_positive("--n", n)
     check_positive("--steps", steps)
     check_positive("--batch-size", batch_size)
+    check_positive("--max-attempts", max_attempts)
+    if keep not in KEEP_CHOICES:
+        raise DiffgenError(f"unknown --keep {keep!r}: choose {', '.join(KEEP_CHOICES)}")
+    cap = n if keep == "all" else (MAX_ATTEMPTS_FACTOR * n if max_attempts is None else max_attempts)
+    if cap < n:
+        raise DiffgenError(f"--max-attempts {cap} is less than --n {n}")
+    if not 0 <= trajectory <= n:
+        raise DiffgenError(f"--trajectory must be between 0 and --n ({n}), got {trajectory}")
+    counts = parse_atom_counts(n_atoms) if n_atoms is not None else None
     check_device(device)
     get_sampler(sampler)  # validate the name before loading anything
     gen, _ = load(checkpoint, device=device)
+    counts = check_atom_counts(counts, gen.node_dist, "--n-atoms")
     check_sampling_budget(n, steps, batch_size, hidden=gen.config.model.hidden)
     out_dir = _make_out_dir(out, overwrite)
     sdf_path, xyz_path, json_path = (out_dir / name for name in OUTPUT_FILES)
+    traj_paths = trajectory_files(out_dir, trajectory)
+    for path in traj_paths:
+        check_writable(path, overwrite)
     ref = _reference(novelty)
-    n_calls = steps * ((n + batch_size - 1) // batch_size)
     start = time.perf_counter()
     with progress(transient=False) as bar:
-        task = bar.add_task(f"sampling {n} molecules x {steps} steps", total=n_calls)
-        molecules = sample_molecules(gen.diffusion, gen.node_dist, n, steps=steps, batch_size=batch_size, seed=seed,
-                                     progress=lambda k: bar.advance(task, k), sampler=sampler)
+        task = bar.add_task(f"sampling {n} molecules x {steps} steps", total=0)
+
+        def on_chunk(count: int, kept: int, attempts: int) -> None:
+            total = bar.tasks[0].total + steps * ((count + batch_size - 1) // batch_size)
+            text = f"sampling {n} molecules x {steps} steps" if keep == "all" else \
+                f"sampling until {n} are {keep}: {kept} so far, {attempts} sampled"
+            bar.update(task, total=total, description=text)
+
+        run = generate_molecules(gen.diffusion, gen.node_dist, n, keep=keep, max_attempts=cap, n_chains=trajectory,
+                                 reference_smiles=ref, steps=steps, batch_size=batch_size, seed=seed,
+                                 sampler=sampler, n_atoms=counts, progress=lambda k: bar.advance(task, k),
+                                 on_chunk=on_chunk)
     seconds = time.perf_counter() - start
-    metrics = GenerationMetrics(reference_smiles=ref)
-    metrics.update(molecules)
-    result = metrics.compute()
-    props = [{"smiles": r.get("smiles"), "mol_stable": int(bool(r.get("mol_stable")))} for r in metrics.per_molecule()]
+    molecules = run.molecules
+    props = [{**sd_tags(r), "diffgen_index": i} for r, i in zip(run.reports, run.indices)]
     write_sdf(sdf_path, molecules, props=props)
-    write_xyz(xyz_path, molecules, comments=[f"diffgen sample {i} seed={seed}" for i in range(len(molecules))])
+    write_xyz(xyz_path, molecules, comments=[f"diffgen sample {i} seed={seed}" for i in run.indices])
+    for k, (path, index) in enumerate(zip(traj_paths, run.indices), start=1):
+        frames = run.chains[index]
+        write_xyz(path, frames, comments=[f"mol_{k} (diffgen sample {index} seed={seed}) step {s}/{steps}"
+                                          for s in range(len(frames))])
+    result = dict(run.metrics)
     result.update(seconds=round(seconds, 2), sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-                  checkpoint=str(gen.source))
+                  atom_counts=n_atoms, keep=keep, kept=len(molecules), attempts=run.attempts,
+                  max_attempts=cap if keep != "all" else None, device=device, checkpoint=str(gen.source),
+                  checkpoint_sha256=file_sha256(gen.source), diffgen_version=diffgen.__version__,
+                  torch_version=torch.__version__)
     write_json(json_path, result)
-    _print_metrics(result, f"{n} molecules, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device}")
-    out_console.print(f"wrote {sdf_path} and {xyz_path}")
+    what = f"{run.attempts} molecules" if keep == "all" else f"{run.attempts} molecules sampled ({len(molecules)} kept)"
+    _print_metrics(result, f"{what}, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device}")
+    written = ", ".join(str(p) for p in (sdf_path, xyz_path, *traj_paths[:len(run.chains)]))
+    out_console.print(f"wrote {written}", soft_wrap=True, highlight=False)
+    if len(molecules) < n:
+        console.print(f"error: --keep {keep}: only {len(molecules)} of {n} molecules passed in {run.attempts} "
+                      f"attempts (the cap, --max-attempts {cap}); wrote those {len(molecules)} to {out_dir}; "
+                      "raise --max-attempts for more", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @generate_app.command()
@@ -296,18 +372,19 @@ def pack_qm9(
 @generate_app.command()
 def draw(
     file: Path = typer.Argument(..., help="Molecules (.sdf or .xyz) to depict."),
-    out: Path = typer.Option(..., help="Output PNG."),
+    out: Path = typer.Option(..., help="Output image: .png or .svg."),
     n: int = typer.Option(24, "--n", help="Draw at most this many molecules."),
     per_row: int = typer.Option(6, help="Molecules per row."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ):
-    """PNG grid of 2D depictions (heavy atoms, bonds inferred as in evaluation; invalid ones marked)."""
+    """Grid of 2D depictions (bonds inferred as in evaluation): captions give each molecule's index in the file and
+    its flags (EDM stability, RDKit validity, fragments, added hydrogens); atoms that break their valence are red."""
     from diffgen.eval.draw import draw_grid
     from diffgen.io import read_molecules
 
     check_positive("--n", n)
     check_positive("--per-row", per_row)
-    check_writable(out, overwrite, (".png",))
+    check_writable(out, overwrite, (".png", ".svg"))
     molecules = read_molecules(file)[:n]
     draw_grid(molecules, out, per_row=per_row)
     out_console.print(f"wrote {out} ({len(molecules)} molecules)")

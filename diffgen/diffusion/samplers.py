@@ -12,18 +12,31 @@ solver of the probability-flow ODE in data (``x0``) prediction, on a grid unifor
 
 ``dpm2m-sde`` (stochastic): SDE-DPM-Solver++(2M) (Lu et al. 2022, App. B), the same multistep ``x0``
 extrapolation for the reverse SDE on the same reduced log-SNR grid, with fresh zero-CoM noise every step.
+
+Every sampler takes its randomness from one generator for the batch, or from one generator per molecule
+(:data:`Generators`, :func:`molecule_noise`): then a molecule's prior draw and step noise do not depend on the
+other molecules of its batch. ``record`` (:data:`Recorder`) receives the state after each step (denoising chains).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 
 from diffgen.data.graphs import build_edges
 from diffgen.diffusion.schedules import alpha, sigma
-from diffgen.diffusion.vp import N_FEATURES, VPDiffusion, com_free_noise, decode_types, remove_mean
+from diffgen.diffusion.vp import N_FEATURES, VPDiffusion, decode_types, remove_mean
+
+#: Randomness of a sampler: None (torch's global generator), one CPU generator for the whole batch, or one CPU
+#: generator per molecule, so that a molecule's noise does not depend on the batch it is sampled in.
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+#: Called with ``(k, pos [N, 3], z [N])`` (CPU tensors) for ``k = 0`` (the prior draw) to ``steps`` (the result):
+#: the state ``z_t`` after each step, positions in Å (unscaled, as EDM's chain renders), types decoded by argmax.
+Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class NodeCountDistribution:
@@ -60,6 +73,32 @@ class SampleBatch:
         return list(zip(self.z.split(sizes), self.pos.split(sizes)))
 
 
+def molecule_noise(n_atoms: torch.Tensor, dim: int, generator: Generators = None) -> torch.Tensor:
+    """Standard normal noise ``[N, dim]`` (float32, CPU) for a batch of molecules with ``n_atoms [B]`` atoms.
+
+    With one generator (or None) the ``N x dim`` values are drawn in one call; with a sequence of ``B`` generators,
+    molecule ``b``'s rows come from ``generator[b]`` alone, so they are the same whatever else is in the batch.
+
+    Raises:
+        ValueError: a sequence of generators whose length is not ``B``.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(int(n_atoms.sum()), dim, generator=generator)
+    if len(generator) != n_atoms.numel():
+        raise ValueError(f"got {len(generator)} generators for {n_atoms.numel()} molecules")
+    return torch.cat([torch.randn(k, dim, generator=g) for k, g in zip(n_atoms.tolist(), generator)])
+
+
+def _com_free(n_atoms: torch.Tensor, batch_cpu: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """:func:`molecule_noise` for positions, projected to zero center of mass per molecule (EDM Sec. 3.2)."""
+    return remove_mean(molecule_noise(n_atoms, 3, generator), batch_cpu)
+
+
+def _record(record: Recorder | None, k: int, pos: torch.Tensor, h: torch.Tensor) -> None:
+    if record is not None:
+        record(k, pos.detach().cpu(), decode_types(h).cpu())
+
+
 def _posterior_step(z_t: torch.Tensor, eps: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor):
     """Mean and std of ``q(z_s | z_t, x = x_hat(eps))`` for ``s < t`` (EDM App. A / VDM eq. 26-27).
 
@@ -75,24 +114,26 @@ def _posterior_step(z_t: torch.Tensor, eps: torch.Tensor, gamma_t: torch.Tensor,
 
 @torch.no_grad()
 def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int = 1000,
-                     generator: torch.Generator | None = None,
-                     progress: Callable[[int], None] | None = None) -> SampleBatch:
+                     generator: Generators = None,
+                     progress: Callable[[int], None] | None = None, record: Recorder | None = None) -> SampleBatch:
     """Generate one batch of molecules with the ancestral sampler.
 
     Args:
         diffusion: trained process (in eval mode).
         n_atoms: ``[B]`` atom count of each molecule (>= 1).
         steps: number of denoising steps (network evaluations), >= 1.
-        generator: CPU random generator for reproducible draws.
+        generator: CPU random generator for reproducible draws, or one per molecule (see :data:`Generators`).
         progress: called with 1 after every step (e.g. a progress-bar advance).
+        record: called with the state before the first step and after every step (see :data:`Recorder`).
 
     Returns:
         :class:`SampleBatch` with zero-CoM positions (Å) and decoded atomic numbers.
 
     Raises:
-        ValueError: ``steps < 1`` or an atom count < 1.
+        ValueError: ``steps < 1``, an atom count < 1, or a list of generators of another length than ``n_atoms``.
     """
     n_atoms, batch, pos, h, edge_index = _initial_state(diffusion, n_atoms, steps, generator)
+    _record(record, 0, pos, h)
     device = pos.device
     n_graphs = n_atoms.numel()
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -105,14 +146,15 @@ def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int =
         if i < steps - 1:
             mean_pos, std = _posterior_step(pos, eps_pos, gamma_t, gamma_s)
             mean_h, _ = _posterior_step(h, eps_h, gamma_t, gamma_s)
-            noise_pos = com_free_noise(batch.cpu(), generator).to(device)
-            noise_h = torch.randn(h.shape, generator=generator).to(device)
+            noise_pos = _com_free(n_atoms, batch.cpu(), generator).to(device)
+            noise_h = molecule_noise(n_atoms, N_FEATURES, generator).to(device)
             pos = remove_mean(mean_pos + std * noise_pos, batch)
             h = mean_h + std * noise_h
         else:  # final step (t = 1/steps): predict x0 = (z_t - sigma_t eps) / alpha_t directly, so that
             # NFE = steps; EDM instead steps to t = 0 and evaluates the network once more (T + 1 calls)
             pos = remove_mean((pos - sigma(gamma_t) * eps_pos) / alpha(gamma_t), batch)
             h = (h - sigma(gamma_t) * eps_h) / alpha(gamma_t)
+        _record(record, i + 1, pos, h)
         if progress is not None:
             progress(1)
     return SampleBatch(pos=pos.cpu(), z=decode_types(h).cpu(), batch=batch.cpu(), n_atoms=n_atoms)
@@ -131,8 +173,8 @@ def _initial_state(diffusion: VPDiffusion, n_atoms, steps: int, generator):
         raise ValueError("every molecule needs at least one atom")
     device = next(diffusion.parameters()).device
     batch = torch.repeat_interleave(torch.arange(n_atoms.numel()), n_atoms)
-    pos = com_free_noise(batch, generator).to(device)
-    h = torch.randn(batch.numel(), N_FEATURES, generator=generator).to(device)
+    pos = _com_free(n_atoms, batch, generator).to(device)
+    h = molecule_noise(n_atoms, N_FEATURES, generator).to(device)
     batch = batch.to(device)
     den = diffusion.denoiser
     edge_index = build_edges(pos, batch, den.graph, den.cutoff, den.k) if den.graph == "full" else None
@@ -140,7 +182,8 @@ def _initial_state(diffusion: VPDiffusion, n_atoms, steps: int, generator):
 
 
 @torch.no_grad()
-def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progress, stochastic: bool) -> SampleBatch:
+def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progress, stochastic: bool,
+                   record: Recorder | None = None) -> SampleBatch:
     """DPM-Solver++(2M) in data prediction on a log-SNR-uniform grid; ``stochastic`` selects the SDE variant.
 
     With ``lambda = log(alpha / sigma)``, step ``h = lambda_s - lambda_t > 0`` and ``D`` the (second-order,
@@ -154,6 +197,7 @@ def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progr
     position noise is zero-CoM and positions are re-centred after every step.
     """
     n_atoms, batch, pos, h, edge_index = _initial_state(diffusion, n_atoms, steps, generator)
+    _record(record, 0, pos, h)
     device = pos.device
     sched = diffusion.schedule
     # uniform in log-SNR (DPM-Solver's recommendation); a grid uniform in t, as the ancestral sampler uses, was
@@ -180,8 +224,8 @@ def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progr
             keep = float((s_s / s_t).double() * torch.exp(decay / 2))
             coef = float(a_s.double() * -torch.expm1(decay))
             noise_std = float(s_s.double() * torch.sqrt(-torch.expm1(decay)))
-            noise_pos = com_free_noise(batch.cpu(), generator).to(device)
-            noise_h = torch.randn(h.shape, generator=generator).to(device)
+            noise_pos = _com_free(n_atoms, batch.cpu(), generator).to(device)
+            noise_h = molecule_noise(n_atoms, N_FEATURES, generator).to(device)
             pos = remove_mean(keep * pos + coef * d_pos + noise_std * noise_pos, batch)
             h = keep * h + coef * d_h + noise_std * noise_h
         else:
@@ -189,16 +233,20 @@ def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progr
             pos = remove_mean((s_s / s_t) * pos + coef * d_pos, batch)
             h = (s_s / s_t) * h + coef * d_h
         prev = (x0_pos, x0_h, step)
+        if i < steps - 1:
+            _record(record, i + 1, pos, h)
         if progress is not None:
             progress(1)
     a_0 = alpha(g_grid[-1].float().to(device))
-    return SampleBatch(pos=(pos / a_0).cpu(), z=decode_types(h / a_0).cpu(), batch=batch.cpu(), n_atoms=n_atoms)
+    pos, h = pos / a_0, h / a_0
+    _record(record, steps, pos, h)
+    return SampleBatch(pos=pos.cpu(), z=decode_types(h).cpu(), batch=batch.cpu(), n_atoms=n_atoms)
 
 
 @torch.no_grad()
 def dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int = 50,
-                      generator: torch.Generator | None = None,
-                      progress: Callable[[int], None] | None = None) -> SampleBatch:
+                      generator: Generators = None,
+                      progress: Callable[[int], None] | None = None, record: Recorder | None = None) -> SampleBatch:
     """Generate molecules with DPM-Solver++(2M) (probability-flow ODE) on a log-SNR-uniform grid.
 
     ``steps`` network evaluations. Deterministic given the initial noise, i.e. given ``generator``'s state.
@@ -207,13 +255,13 @@ def dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int 
     Raises:
         ValueError: ``steps < 1`` or an atom count < 1.
     """
-    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=False)
+    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=False, record=record)
 
 
 @torch.no_grad()
 def sde_dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int = 50,
-                          generator: torch.Generator | None = None,
-                          progress: Callable[[int], None] | None = None) -> SampleBatch:
+                          generator: Generators = None, progress: Callable[[int], None] | None = None,
+                          record: Recorder | None = None) -> SampleBatch:
     """Generate molecules with SDE-DPM-Solver++(2M) (stochastic, reduced log-SNR grid; Lu et al. 2022, App. B).
 
     ``steps`` network evaluations; fresh zero-CoM noise at every step. Arguments and return as
@@ -222,7 +270,7 @@ def sde_dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: 
     Raises:
         ValueError: ``steps < 1`` or an atom count < 1.
     """
-    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=True)
+    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=True, record=record)
 
 
 SAMPLERS: dict[str, Callable[..., SampleBatch]] = {"ancestral": ancestral_sample, "dpm2m": dpm_solver_sample,

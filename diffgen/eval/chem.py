@@ -31,7 +31,8 @@ from diffgen.eval.bonds import as_numpy_molecule, bond_orders, type_indices
 from diffgen.eval.stability import molecule_stable
 from diffgen.errors import DiffgenError
 
-__all__ = ["to_rdkit", "valid_smiles", "smiles_of", "GenerationMetrics", "smiles_of_dataset"]
+__all__ = ["to_rdkit", "sanitized", "valid_smiles", "smiles_of", "rdkit_report", "GenerationMetrics", "sd_tags",
+           "smiles_of_dataset"]
 
 _BOND_TYPES = {1: Chem.BondType.SINGLE, 2: Chem.BondType.DOUBLE, 3: Chem.BondType.TRIPLE}
 
@@ -80,14 +81,9 @@ def to_rdkit(z, pos, bonds: np.ndarray | None = None, add_conformer: bool = True
     return mol
 
 
-def valid_smiles(mol: Chem.Mol) -> str | None:
-    """Canonical SMILES of the largest fragment of ``mol`` if it sanitizes, else None.
-
-    EDM validity: ``Chem.SanitizeMol`` is tried on a copy (``mol`` is left untouched);
-    on failure the molecule is invalid (None). On success the largest fragment (by
-    atom count, first one on ties) is taken and its canonical ``Chem.MolToSmiles``
-    returned. An empty molecule is invalid.
-    """
+def sanitized(mol: Chem.Mol) -> Chem.Mol | None:
+    """A sanitized copy of ``mol`` (``Chem.SanitizeMol``, which adds implicit hydrogens to under-bonded atoms), or
+    None if sanitization fails or ``mol`` is empty: EDM's validity test. ``mol`` is left untouched."""
     if mol is None or mol.GetNumAtoms() == 0:
         return None
     block = BlockLogs()  # silence RDKit's per-molecule sanitization messages
@@ -97,16 +93,54 @@ def valid_smiles(mol: Chem.Mol) -> str | None:
             Chem.SanitizeMol(m)
         except Exception:
             return None
-        try:
-            if len(Chem.GetMolFrags(m)) > 1:
-                frags = Chem.GetMolFrags(m, asMols=True)
-                m = max(frags, key=lambda f: f.GetNumAtoms())
-            smi = Chem.MolToSmiles(m)
-        except Exception:
-            return None
-        return smi or None
+        return m
     finally:
         del block
+
+
+def _largest_fragment_smiles(m: Chem.Mol | None) -> str | None:
+    """Canonical SMILES of the largest fragment (by atom count, first one on ties) of a sanitized molecule."""
+    if m is None:
+        return None
+    block = BlockLogs()
+    try:
+        if len(Chem.GetMolFrags(m)) > 1:
+            frags = Chem.GetMolFrags(m, asMols=True)
+            m = max(frags, key=lambda f: f.GetNumAtoms())
+        smi = Chem.MolToSmiles(m)
+    except Exception:
+        return None
+    finally:
+        del block
+    return smi or None
+
+
+def valid_smiles(mol: Chem.Mol) -> str | None:
+    """Canonical SMILES of the largest fragment of ``mol`` if it sanitizes, else None.
+
+    EDM validity: ``Chem.SanitizeMol`` is tried on a copy (``mol`` is left untouched);
+    on failure the molecule is invalid (None). On success the largest fragment (by
+    atom count, first one on ties) is taken and its canonical ``Chem.MolToSmiles``
+    returned. An empty molecule is invalid.
+    """
+    return _largest_fragment_smiles(sanitized(mol))
+
+
+def rdkit_report(mol: Chem.Mol) -> dict:
+    """What RDKit makes of a molecule built from EDM bonds (:func:`to_rdkit`), beyond EDM's validity.
+
+    Returns:
+        dict with ``smiles`` (:func:`valid_smiles`: str, or None if invalid), ``n_fragments`` (connected components
+        of the bond graph, counted for invalid molecules too) and ``implicit_hs`` (hydrogens that sanitization
+        added to under-bonded atoms, e.g. 2 for a carbon with two bonds; None for invalid molecules). EDM counts
+        a molecule with ``implicit_hs > 0`` or several fragments as valid.
+    """
+    m = sanitized(mol)
+    return {
+        "smiles": _largest_fragment_smiles(m),
+        "n_fragments": len(Chem.GetMolFrags(mol)) if mol.GetNumAtoms() else 0,
+        "implicit_hs": None if m is None else int(sum(a.GetNumImplicitHs() for a in m.GetAtoms())),
+    }
 
 
 def smiles_of(z, pos) -> str | None:
@@ -124,9 +158,10 @@ class GenerationMetrics:
         result = metrics.compute()
 
     Per-molecule results stay available in :attr:`smiles` (str or None),
-    :attr:`stable` (bool), :attr:`n_stable_atoms` and :attr:`n_atoms_per_molecule`
-    (ints), in the order the molecules were given; :meth:`per_molecule` returns them
-    as a list of dicts.
+    :attr:`stable` (bool), :attr:`n_stable_atoms`, :attr:`n_atoms_per_molecule`,
+    :attr:`n_fragments` (ints) and :attr:`implicit_hs` (int or None, see
+    :func:`rdkit_report`), in the order the molecules were given; :meth:`per_molecule`
+    returns them as a list of dicts.
 
     Args:
         reference_smiles: SMILES of the training set for novelty (None: novelty is None, i.e. n/a).
@@ -148,6 +183,8 @@ class GenerationMetrics:
         self.stable: list[bool] = []
         self.n_stable_atoms: list[int] = []
         self.n_atoms_per_molecule: list[int] = []
+        self.n_fragments: list[int] = []
+        self.implicit_hs: list[int | None] = []
 
     def __len__(self) -> int:
         return len(self.smiles)
@@ -166,18 +203,22 @@ class GenerationMetrics:
             z, pos = as_numpy_molecule(z, pos)
             bonds = bond_orders(z, pos)
             stable, n_stable, n_atoms = molecule_stable(z, pos, bonds)
-            smi = valid_smiles(to_rdkit(z, pos, bonds, add_conformer=False))
-            self.smiles.append(smi)
+            report = rdkit_report(to_rdkit(z, pos, bonds, add_conformer=False))
+            self.smiles.append(report["smiles"])
             self.stable.append(stable)
             self.n_stable_atoms.append(n_stable)
             self.n_atoms_per_molecule.append(n_atoms)
+            self.n_fragments.append(report["n_fragments"])
+            self.implicit_hs.append(report["implicit_hs"])
 
     def per_molecule(self) -> list[dict]:
         """One dict per molecule: ``smiles`` (str or None), ``valid``, ``mol_stable``,
-        ``n_stable_atoms``, ``n_atoms``."""
+        ``n_stable_atoms``, ``n_atoms``, ``n_fragments``, ``implicit_hs``."""
         return [
-            {"smiles": s, "valid": s is not None, "mol_stable": st, "n_stable_atoms": ns, "n_atoms": na}
-            for s, st, ns, na in zip(self.smiles, self.stable, self.n_stable_atoms, self.n_atoms_per_molecule)
+            {"smiles": s, "valid": s is not None, "mol_stable": st, "n_stable_atoms": ns, "n_atoms": na,
+             "n_fragments": nf, "implicit_hs": ih}
+            for s, st, ns, na, nf, ih in zip(self.smiles, self.stable, self.n_stable_atoms, self.n_atoms_per_molecule,
+                                             self.n_fragments, self.implicit_hs)
         ]
 
     def compute(self) -> dict:
@@ -212,6 +253,27 @@ class GenerationMetrics:
             "n_molecules": n_mol,
             "n_atoms": n_atoms,
         }
+
+
+def sd_tags(report: dict) -> dict:
+    """SD properties of one molecule for SDF files and the RDKit molecules of the Python API, from its
+    :meth:`GenerationMetrics.per_molecule` dict.
+
+    Returns:
+        ``smiles`` (valid molecules only), ``edm_mol_stable`` (1/0: every atom has its allowed valence, EDM),
+        ``edm_stable_atoms`` (atoms with their allowed valence), ``rdkit_valid`` (1/0: RDKit sanitization passes;
+        EDM's validity), ``n_fragments`` (connected components of the bond graph) and ``rdkit_implicit_hs``
+        (hydrogens RDKit added to under-bonded atoms while sanitizing; 0 = none; absent for invalid molecules).
+        None values are meant to be skipped.
+    """
+    return {
+        "smiles": report["smiles"],
+        "edm_mol_stable": int(bool(report["mol_stable"])),
+        "edm_stable_atoms": int(report["n_stable_atoms"]),
+        "rdkit_valid": int(bool(report["valid"])),
+        "n_fragments": int(report["n_fragments"]),
+        "rdkit_implicit_hs": report["implicit_hs"],
+    }
 
 
 def smiles_of_dataset(molecules: Iterable, progress: bool = False) -> list[str | None]:

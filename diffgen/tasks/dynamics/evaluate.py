@@ -11,6 +11,16 @@ REFERENCE_NBODY_MSE = {"Linear": 0.0819, "SE(3)-Transformer": 0.0244, "TFN": 0.0
 
 
 @torch.no_grad()
+def run_model(model, pos, vel, charges, types):
+    """``model(pos, vel, charges, types)`` with the inputs moved to the device of the model's parameters (a model
+    without parameters, e.g. a plain function, gets them as they are; ``types`` may be None); the prediction comes
+    back on the CPU."""
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if param is not None:
+        pos, vel, charges, types = (None if t is None else t.to(param.device) for t in (pos, vel, charges, types))
+    return model(pos, vel, charges, types).cpu()
+
+
 def evaluate_pairs(model, dataset: TensorDataset, batch_size: int = 500, progress=None) -> dict[str, float]:
     """MSE of ``model`` and of two analytic baselines on input/target pairs.
 
@@ -33,7 +43,7 @@ def evaluate_pairs(model, dataset: TensorDataset, batch_size: int = 500, progres
         model.eval()
         for start in range(0, pos.shape[0], batch_size):
             sl = slice(start, start + batch_size)
-            pred = model(pos[sl], vel[sl], charges[sl], None if types is None else types[sl])
+            pred = run_model(model, pos[sl], vel[sl], charges[sl], None if types is None else types[sl])
             sq += float((pred - target[sl]).pow(2).sum())
             n += pred.numel()
             if progress is not None:

@@ -12,6 +12,7 @@ import torch
 from diffgen.errors import DiffgenError
 from diffgen.tasks.dynamics.config import DynamicsConfig
 from diffgen.tasks.dynamics.data import pairs_dataset
+from diffgen.tasks.dynamics.evaluate import run_model
 
 #: Pairs per forward pass when a whole MD run is predicted.
 _CHUNK = 100
@@ -54,7 +55,7 @@ def predict_frames(model, cfg: DynamicsConfig, split: str = "test", index: int =
         if not 0 <= index < pos.shape[0]:
             raise DiffgenError(f"index {index} out of range: the {split} split has {pos.shape[0]} trajectories")
         sl = slice(index, index + 1)
-        pred = model(pos[sl], vel[sl], charges[sl], types[sl])[0]
+        pred = run_model(model, pos[sl], vel[sl], charges[sl], types[sl])[0]
         mse = float((pred - target[index]).pow(2).mean())
         return FramePrediction(
             symbols=["Na" if q > 0 else "Cl" for q in charges[index].tolist()],
@@ -69,8 +70,8 @@ def predict_frames(model, cfg: DynamicsConfig, split: str = "test", index: int =
     if not 0 <= index < n_runs:
         raise DiffgenError(f"index {index} out of range: the {split} split has {n_runs} runs")
     sl = slice(index * per_run, (index + 1) * per_run)
-    pred = torch.cat([model(pos[sl][k:k + _CHUNK], vel[sl][k:k + _CHUNK], charges[sl][k:k + _CHUNK],
-                            types[sl][k:k + _CHUNK]) for k in range(0, per_run, _CHUNK)])
+    pred = torch.cat([run_model(model, pos[sl][k:k + _CHUNK], vel[sl][k:k + _CHUNK], charges[sl][k:k + _CHUNK],
+                                types[sl][k:k + _CHUNK]) for k in range(0, per_run, _CHUNK)])
     err = (pred - target[sl]).pow(2).mean(dim=(1, 2))
     lag_ps = (d.frame_out - d.frame_in) * d.md_frame_ps
     comments = [f"prediction of t = {(k * d.md_frame_ps) + lag_ps:g} ps from t = {k * d.md_frame_ps:g} ps "

@@ -1,4 +1,4 @@
-"""``diffgen check``: physics checks of a molecule file.
+"""``diffgen check`` (physics checks of a molecule file) and ``diffgen view`` (self-contained 3D HTML gallery).
 
 Thin: parses, calls :mod:`diffgen.eval.physics` / :mod:`diffgen.eval.gallery`, prints tables. For ``sample --check``
 the same work is exposed as :func:`check_output_paths` (call before sampling: refuses existing outputs and a
@@ -157,3 +157,24 @@ def check(
     if len(molecules) > 20:
         console.print(f"[dim]about 1 s per QM9-size molecule on one core: {len(molecules)} molecules[/dim]")
     run_physics_checks(molecules, csv_path, json_path, relax=relax, max_steps=max_steps, source=str(file))
+
+
+@check_app.command()
+def view(
+    file: Path = typer.Argument(..., help="Molecules to show: .sdf or .xyz with 3D coordinates."),
+    out: Path = typer.Option(..., help="Output .html (one self-contained file, opens offline)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    max_molecules: Optional[int] = typer.Option(None, help="Show only the first N molecules."),
+):
+    """Self-contained HTML gallery: a rotatable 3D view (3Dmol.js, inlined) of every molecule, with its SMILES,
+    EDM stability and validity, and a filter by those flags."""
+    from diffgen.eval.gallery import write_gallery
+    from diffgen.io import read_molecules
+
+    check_positive("--max-molecules", max_molecules)
+    check_writable(out, overwrite, (".html", ".htm"))
+    molecules = read_molecules(file)
+    if max_molecules is not None:
+        molecules = molecules[:max_molecules]
+    counts = write_gallery(molecules, out, title=file.name)
+    out_console.print(f"wrote {out} ({counts['n']} molecules: {counts['stable']} stable, {counts['valid']} valid)")

@@ -134,3 +134,17 @@ def test_cli_check_bad_input(tmp_path, qm9_molecules):
     hide = "sys.modules['tblite'] = None; sys.modules['tblite.interface'] = None"
     assert_one_line_error(run_cli("check", str(sdf), pre=hide), "diffgen[check]")
     assert not (tmp_path / "one_checks.csv").exists()
+
+
+def test_posebusters_time_limit_keeps_the_other_checks(qm9_molecules):
+    z, pos = qm9_molecules[2]
+    mol = physics._sanitized(z, pos)
+    with physics.PoseBustersRunner(timeout=1e-4) as runner:  # no molecule finishes the full checks in 0.1 ms
+        cut = runner.check(mol)
+        assert cut["timed_out"] and cut["internal_energy"] is None
+        assert cut["bond_lengths"] and cut["bond_angles"] and cut["sanitization"]  # the "mol_fast" checks ran
+        runner.timeout = 60.0  # the worker was killed: the next call starts a new one
+        full = runner.check(mol)
+    assert not full["timed_out"] and full["internal_energy"] is True
+    assert {k: v for k, v in full.items() if k not in ("internal_energy", "timed_out")} == \
+        {k: v for k, v in cut.items() if k not in ("internal_energy", "timed_out")}

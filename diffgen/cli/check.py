@@ -83,6 +83,12 @@ def print_summary(summary: dict, title: str) -> None:
     if fails:
         out_console.print("PoseBusters failures (molecules): " + ", ".join(f"{k} {v}" for k, v in fails.items()),
                           soft_wrap=True, highlight=False)
+    undecided = summary["pb_not_computed_counts"]
+    if undecided:
+        out_console.print("PoseBusters checks not computed (molecules, not counted as failures): "
+                          + ", ".join(f"{k} {v}" for k, v in undecided.items())
+                          + f"; internal-energy time limit hit by {summary['n_pb_timed_out']}",
+                          soft_wrap=True, highlight=False)
 
 
 def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:

@@ -148,3 +148,17 @@ def test_posebusters_time_limit_keeps_the_other_checks(qm9_molecules):
     assert not full["timed_out"] and full["internal_energy"] is True
     assert {k: v for k, v in full.items() if k not in ("internal_energy", "timed_out")} == \
         {k: v for k, v in cut.items() if k not in ("internal_energy", "timed_out")}
+
+
+def test_sample_check_runs_the_physics_checks_on_the_written_molecules(tmp_path):
+    out = tmp_path / "s"
+    res = run_cli("sample", "--n", "2", "--steps", "5", "--out", str(out), "--check", "--no-novelty")
+    assert res.returncode == 0, res.stderr
+    with open(out / "samples_checks.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["index"] for r in rows] == ["1", "2"] and all(r["xtb_energy_hartree"] for r in rows)
+    # a missing extra is refused before anything is sampled or written
+    hide = "sys.modules['tblite'] = None; sys.modules['tblite.interface'] = None"
+    res = run_cli("sample", "--n", "2", "--steps", "5", "--out", str(tmp_path / "t"), "--check", pre=hide)
+    assert_one_line_error(res, "diffgen[check]")
+    assert not (tmp_path / "t").exists()

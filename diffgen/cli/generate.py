@@ -186,6 +186,9 @@ def sample(
     novelty: Optional[bool] = typer.Option(None, "--novelty/--no-novelty",
                                            help="Novelty vs QM9 train (default: only if its reference is cached)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda or mps."),
+    physics: bool = typer.Option(False, "--check", help="Also run the physics checks of `diffgen check` on the "
+                                 "written molecules (PoseBusters, GFN2-xTB relaxation; needs the [check] extra): "
+                                 "samples_checks.csv and samples_checks.json in --out."),
 ):
     """Generate 3D molecules, write SDF + XYZ, and print their EDM quality metrics."""
     import torch
@@ -216,12 +219,20 @@ def sample(
     gen, _ = load(checkpoint, device=device)
     counts = check_atom_counts(counts, gen.node_dist, "--n-atoms")
     check_sampling_budget(n, steps, batch_size, hidden=gen.config.model.hidden)
+    if physics:  # before the output folder is made
+        from diffgen.eval.physics import require_check_extra
+
+        require_check_extra()
     out_dir = _make_out_dir(out, overwrite)
     sdf_path, xyz_path, json_path = (out_dir / name for name in OUTPUT_FILES)
     traj_paths = trajectory_files(out_dir, trajectory)
     for path in traj_paths:
         check_writable(path, overwrite)
     ref = _reference(novelty)
+    if physics:
+        from diffgen.cli.check import check_output_paths
+
+        check_paths = check_output_paths(out_dir, sdf_path.stem, overwrite)
     start = time.perf_counter()
     with progress(transient=False) as bar:
         task = bar.add_task(f"sampling {n} molecules x {steps} steps", total=0)
@@ -256,6 +267,10 @@ def sample(
     _print_metrics(result, f"{what}, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device}")
     written = ", ".join(str(p) for p in (sdf_path, xyz_path, *traj_paths[:len(run.chains)]))
     out_console.print(f"wrote {written}", soft_wrap=True, highlight=False)
+    if physics and molecules:
+        from diffgen.cli.check import run_physics_checks
+
+        run_physics_checks(molecules, *check_paths, source=str(sdf_path))
     if len(molecules) < n:
         console.print(f"error: --keep {keep}: only {len(molecules)} of {n} molecules passed in {run.attempts} "
                       f"attempts (the cap, --max-attempts {cap}); wrote those {len(molecules)} to {out_dir}; "

@@ -241,13 +241,3 @@ def write_text(text: str, out_path: Path) -> Path:
     os.replace(tmp, out_path)
     return out_path
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (e.g. the weights a sample was drawn with, recorded in ``metrics.json``)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

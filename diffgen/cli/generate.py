@@ -194,7 +194,7 @@ def sample(
     import torch
 
     import diffgen
-    from diffgen.checkpoint_files import file_sha256
+    from diffgen.data.cache import file_sha256
     from diffgen.diffusion.samplers import get_sampler
     from diffgen.eval.chem import sd_tags
     from diffgen.io import write_sdf, write_xyz

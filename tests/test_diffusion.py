@@ -402,19 +402,23 @@ def test_node_count_distribution(qm9_train):
             NodeCountDistribution(bad)
 
 
-@pytest.mark.parametrize("param", ["eps", "x0"])
-def test_parameterizations_give_equivariant_eps(param):
-    """Both parameterisations: eps_hat positions rotate and reflect with the input and stay zero-CoM, types are
-    invariant, atoms permute. No translation: the diffusion lives on zero-CoM positions (x0 reads pos_t itself)."""
+@pytest.mark.parametrize("param,vector_channels", [("eps", 0), ("x0", 0), ("x0", 3)])
+def test_parameterizations_give_equivariant_eps(param, vector_channels):
+    """Both parameterisations, with and without vector channels: eps_hat positions rotate and reflect with the
+    input and stay zero-CoM, types are invariant, atoms permute. No translation: the diffusion lives on zero-CoM
+    positions (x0 reads pos_t itself)."""
     from diffgen.tasks.generation.config import GenerationConfig as Config
     from diffgen.tasks.generation.build import build_diffusion
 
     torch.manual_seed(0)
     cfg = Config()
     cfg.model.hidden, cfg.model.n_layers, cfg.diffusion.parameterization = 16, 2, param
+    cfg.model.vector_channels = vector_channels
     diff = build_diffusion(cfg).double().eval()
     for layer in diff.denoiser.backbone.layers:  # make the coordinate output large enough to test
         nn.init.normal_(layer.update.coord_mlp[-1].weight, std=0.5)
+        if vector_channels:  # and the vector channels, which start near zero
+            nn.init.normal_(layer.update.vec_edge.weight, std=0.5)
     batch = torch.tensor([0] * 5 + [1] * 7)
     pos = torch.randn(12, 3, dtype=F64)
     pos = remove_mean(pos, batch)
@@ -424,6 +428,32 @@ def test_parameterizations_give_equivariant_eps(param):
     e_pos, e_h = assert_e3_equivariant(diff.predict_eps, inputs, ["vec", "scalar"], batch=batch, translate=False)
     assert e_pos.abs().mean() > 0.05
     assert _com(e_pos, batch).abs().max() < 1e-12
+
+
+def test_vector_channels_change_the_generator_and_need_the_egnn():
+    """model.vector_channels builds a different function (the channels drive the positions from the second layer
+    on), and is refused with the e3transformer backbone by a one-line config error."""
+    from diffgen.errors import DiffgenError
+    from diffgen.tasks.generation.build import build_diffusion
+    from diffgen.tasks.generation.config import load_generation_config
+
+    cfg = load_generation_config(None, ["model.hidden=16", "model.n_layers=2", "model.vector_channels=2"])
+    diff = build_diffusion(cfg).double().eval()
+    assert diff.denoiser.backbone.vector_channels == 2
+    for layer in diff.denoiser.backbone.layers:
+        nn.init.normal_(layer.update.vec_edge.weight, std=0.5)
+    batch = torch.zeros(6, dtype=torch.long)
+    pos = remove_mean(torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(0)), batch)
+    h, t = torch.randn(6, 6, dtype=F64), torch.tensor([0.5], dtype=F64)
+    with torch.no_grad():
+        with_vec = diff.predict_eps(pos, h, t, batch)[0]
+        for layer in diff.denoiser.backbone.layers:
+            nn.init.zeros_(layer.update.vel_mlp[-1].weight)
+            nn.init.zeros_(layer.update.vel_mlp[-1].bias)
+        without = diff.predict_eps(pos, h, t, batch)[0]
+    assert (with_vec - without).abs().max() > 1e-3
+    with pytest.raises(DiffgenError, match="model.vector_channels"):
+        load_generation_config(None, ["model.backbone=e3transformer", "model.vector_channels=2"])
 
 
 def test_min_snr_weighting_downweights_low_noise():

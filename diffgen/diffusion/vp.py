@@ -71,7 +71,9 @@ class Denoiser(nn.Module):
 
     The time ``t`` is appended to every atom's features; the predicted position noise is the
     backbone's coordinate displacement ``pos_out - pos_t`` projected to zero center of mass; the
-    predicted feature noise is the backbone's invariant output.
+    predicted feature noise is the backbone's invariant output. A backbone with ``vector_channels > 0``
+    (:class:`~diffgen.models.egnn.EGNN`) gets a zero velocity: its vector channels start at zero and are built
+    by its layers from the atoms' relative positions (translation invariant, so the model stays E(3)-equivariant).
 
     Args:
         backbone: module ``(h [N, N_FEATURES + 1], pos [N, 3], edge_index) -> (h [N, N_FEATURES], pos [N, 3])``, e.g.
@@ -90,7 +92,10 @@ class Denoiser(nn.Module):
         if edge_index is None:
             edge_index = build_edges(pos_t, batch, self.graph, self.cutoff, self.k)
         h_in = torch.cat([h_t, t[batch].unsqueeze(-1).to(h_t.dtype)], dim=-1)
-        h_out, pos_out = self.backbone(h_in, pos_t, edge_index)
+        if getattr(self.backbone, "vector_channels", 0):
+            h_out, pos_out = self.backbone(h_in, pos_t, edge_index, vel=torch.zeros_like(pos_t))
+        else:
+            h_out, pos_out = self.backbone(h_in, pos_t, edge_index)
         eps_pos = remove_mean(pos_out - pos_t, batch)
         return eps_pos, h_out
 

@@ -39,7 +39,8 @@ def build_diffusion(cfg: GenerationConfig) -> VPDiffusion:
                                  **m.transformer_kwargs())
     else:
         backbone = EGNN(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
-                        attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range)
+                        attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range,
+                        velocity=m.vector_channels > 0, vector_channels=m.vector_channels)
     denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k)
     return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s), parameterization=d.parameterization,
                        loss_weight=d.loss_weight, min_snr=d.min_snr, t_sampling=d.t_sampling)

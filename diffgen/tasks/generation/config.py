@@ -41,9 +41,15 @@ class ModelConfig(BackboneConfig):
     graph: GraphKind = "full"
     cutoff: float | None = bounded(None, gt=0)
     k: int | None = bounded(None, ge=1)
+    # EGNN only: C equivariant vector channels per atom, started at zero and updated by every layer from the
+    # atoms' relative positions and their neighbours' vectors (diffgen.models.egnn.EGNN vector_channels); 0 = EDM
+    vector_channels: int = bounded(0, ge=0)
 
     def check(self) -> None:
         super().check()
+        if self.vector_channels and self.backbone != "egnn":
+            raise DiffgenError("config key model.vector_channels needs model.backbone=egnn (the e3transformer "
+                               "carries vectors in model.l_channels)")
         if self.graph == "radius" and self.cutoff is None:
             raise DiffgenError("config key model.cutoff is needed with model.graph=radius")
         if self.graph == "knn" and self.k is None:

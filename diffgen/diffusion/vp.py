@@ -16,7 +16,14 @@ Hoogeboom, Satorras, Vignac & Welling, "Equivariant Diffusion for Molecule Gener
 * parameterisation (``parameterization``): ``"eps"`` (EDM) - the network outputs the noise; ``"x0"`` -
   the network outputs the clean sample (positions as ``z_t`` plus its equivariant displacement, types as its
   invariant output) and ``eps_hat = (z_t - alpha_t x0_hat) / sigma_t`` (Kingma et al. 2021, VDM, App. D).
-  Samplers always see ``eps_hat`` through :meth:`VPDiffusion.predict_eps`.
+  Samplers always see ``eps_hat`` through :meth:`VPDiffusion.predict_eps`;
+* type loss (``type_loss``, x0 only): ``"mse"`` (EDM) - the types are part of the Gaussian eps-MSE above;
+  ``"ce"`` - categorical types: the first five type outputs are logits of the clean type, trained with
+  cross-entropy against the true type (``type_weight`` x mean over the molecule's atoms, no noise-level weight),
+  and ``x0_hat`` for the types is their expectation, ``[p / 4, (p . Z) / 10]``, so ``eps_hat`` and every sampler
+  are unchanged; decoding stays the argmax of the one-hot part. The Gaussian diffusion of the one-hot types is
+  EDM's; the cross-entropy on the x0 type logits follows continuous diffusion for categorical data (Dieleman et
+  al. 2022, CDCD) and the categorical-type losses of MiDi (Vignac et al. 2023) and EQGAT-diff (Le et al. 2024).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
-from diffgen.data.elements import NUM_TYPES, index_to_z, z_to_index
+from diffgen.data.elements import ATOMIC_NUMBERS, NUM_TYPES, index_to_z, z_to_index
 from diffgen.data.graphs import build_edges
 from diffgen.diffusion.schedules import NoiseSchedule, alpha, sigma
 
@@ -36,6 +43,7 @@ LOSS_WEIGHTS = ("uniform", "min_snr")
 #: Training-time distributions of t: uniform (EDM) | low_noise, Beta(1, 2) with density 2 (1 - t), twice as many
 #: draws near the data end t = 0 as uniform and none at t = 1 (emphasises the fine geometry that decides stability)
 T_SAMPLINGS = ("uniform", "low_noise")
+TYPE_LOSSES = ("mse", "ce")
 
 
 def remove_mean(pos: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
@@ -109,8 +117,16 @@ class VPDiffusion(nn.Module):
     """
 
     def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule | None = None, parameterization: str = "eps",
-                 loss_weight: str = "uniform", min_snr: float = 5.0, t_sampling: str = "uniform"):
+                 loss_weight: str = "uniform", min_snr: float = 5.0, t_sampling: str = "uniform",
+                 type_loss: str = "mse", type_weight: float = 1.0):
         super().__init__()
+        if type_loss not in TYPE_LOSSES:
+            raise ValueError(f"type_loss must be one of {TYPE_LOSSES}, got {type_loss!r}")
+        if type_loss == "ce" and parameterization != "x0":
+            raise ValueError("type_loss='ce' needs parameterization='x0' (the type outputs are x0 logits)")
+        if type_weight < 0:
+            raise ValueError(f"type_weight must be >= 0, got {type_weight}")
+        self.type_loss, self.type_weight = type_loss, type_weight
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}")
         self.t_sampling = t_sampling
@@ -130,13 +146,30 @@ class VPDiffusion(nn.Module):
 
         Returns ``(eps_pos [N, 3] zero-CoM, eps_h [N, 6])``.
         """
+        return self._predict(pos_t, h_t, t, batch, edge_index)[:2]
+
+    def _predict(self, pos_t, h_t, t, batch, edge_index=None):
+        """``(eps_pos, eps_h, type_logits [N, 5] or None)``: :meth:`predict_eps` plus, for ``type_loss='ce'``, the
+        clean-type logits the loss needs."""
         out_pos, out_h = self.denoiser(pos_t, h_t, t, batch, edge_index)
         if self.parameterization == "eps":
-            return out_pos, out_h
+            return out_pos, out_h, None
         g = self.gamma(t)[batch].unsqueeze(-1).to(pos_t.dtype)
         a, s = alpha(g), sigma(g)
         x0_pos = remove_mean(pos_t, batch) + out_pos  # the backbone's displacement is zero-CoM already
-        return (pos_t - a * x0_pos) / s, (h_t - a * out_h) / s
+        logits = None
+        if self.type_loss == "ce":
+            logits = out_h[:, :NUM_TYPES].to(h_t.dtype)
+            out_h = self.expected_types(logits)
+        return (pos_t - a * x0_pos) / s, (h_t - a * out_h) / s, logits
+
+    @staticmethod
+    def expected_types(logits: torch.Tensor) -> torch.Tensor:
+        """Type logits ``[N, 5]`` -> the expected scaled features ``[N, 6]`` = ``[p / 4, (p . Z) / 10]``, ``p`` the
+        softmax: the x0 types of ``type_loss='ce'`` (the argmax of the one-hot part is the most likely type)."""
+        p = torch.softmax(logits, dim=-1)
+        z = torch.tensor(ATOMIC_NUMBERS, dtype=p.dtype, device=p.device)
+        return torch.cat([p / ONE_HOT_SCALE, (p @ z).unsqueeze(-1) / CHARGE_SCALE], dim=-1)
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Training times ``t [n]`` in [0, 1] from :data:`T_SAMPLINGS` ``[self.t_sampling]`` (inverse CDF of one
@@ -168,10 +201,15 @@ class VPDiffusion(nn.Module):
              generator: torch.Generator | None = None, weighted: bool = True) -> torch.Tensor:
         """Mean squared eps-prediction error (EDM Alg. 1), weighted by ``loss_weight``, a scalar.
 
+        With ``type_loss='ce'`` the types' part of the squared error is replaced by ``type_weight`` x their
+        cross-entropy (mean over the molecule's atoms, not weighted by the noise level); the position part is the
+        same as with ``'mse'``.
+
         Args:
             pos ``[N, 3]`` positions in Å (centred here); z ``[N]`` atomic numbers; batch ``[N]``;
             t ``[B]`` optional times in [0, 1] (default: drawn by :meth:`sample_t`);
-            weighted: False gives the plain (uniform) eps-MSE, comparable across loss weightings.
+            weighted: False gives the plain (uniform) eps-MSE of positions and types, comparable across loss
+                weightings and type losses.
         """
         n_graphs = int(batch.max()) + 1 if batch.numel() else 0
         if t is None:
@@ -179,10 +217,17 @@ class VPDiffusion(nn.Module):
         pos = remove_mean(pos, batch)
         h = encode_types(z)
         pos_t, h_t, eps_pos, eps_h = self.noise(pos, h, t, batch, generator)
-        pred_pos, pred_h = self.predict_eps(pos_t, h_t, t, batch)
-        err = (pred_pos - eps_pos).pow(2).sum(-1) + (pred_h - eps_h).pow(2).sum(-1)  # [N]
+        pred_pos, pred_h, logits = self._predict(pos_t, h_t, t, batch)
+        ce = weighted and logits is not None
+        err = (pred_pos - eps_pos).pow(2).sum(-1)  # [N]
+        if not ce:
+            err = err + (pred_h - eps_h).pow(2).sum(-1)
         per_graph = scatter(err, batch, dim=0, dim_size=n_graphs, reduce="mean") / (3 + N_FEATURES)
         if weighted and self.loss_weight == "min_snr":
             snr = torch.exp(-self.gamma(t)).to(per_graph.dtype)
             per_graph = per_graph * snr.clamp(max=self.min_snr) / snr
+        if ce:
+            nll = torch.nn.functional.cross_entropy(logits.float(), z_to_index(z), reduction="none")
+            per_graph = per_graph + self.type_weight * scatter(nll.to(per_graph.dtype), batch, dim=0,
+                                                               dim_size=n_graphs, reduce="mean")
         return per_graph.mean()

@@ -43,7 +43,8 @@ def build_diffusion(cfg: GenerationConfig) -> VPDiffusion:
                         velocity=m.vector_channels > 0, vector_channels=m.vector_channels)
     denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k)
     return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s), parameterization=d.parameterization,
-                       loss_weight=d.loss_weight, min_snr=d.min_snr, t_sampling=d.t_sampling)
+                       loss_weight=d.loss_weight, min_snr=d.min_snr, t_sampling=d.t_sampling,
+                       type_loss=d.type_loss, type_weight=d.type_weight)
 
 
 def molecule_generators(seed: int, start: int, count: int) -> list[torch.Generator]:

@@ -65,6 +65,13 @@ class DiffusionConfig:
     loss_weight: Literal["uniform", "min_snr"] = "uniform"  # uniform (EDM) | min_snr (Hang et al. 2023)
     min_snr: float = bounded(5.0, gt=0)
     t_sampling: Literal["uniform", "low_noise"] = "uniform"  # training t: U(0, 1) (EDM) | Beta(1, 2), toward t = 0
+    # types: mse (EDM: part of the Gaussian eps-MSE) | ce (x0 only: cross-entropy on x0 type logits, x type_weight)
+    type_loss: Literal["mse", "ce"] = "mse"
+    type_weight: float = bounded(1.0, ge=0)
+
+    def check(self) -> None:
+        if self.type_loss == "ce" and self.parameterization != "x0":
+            raise DiffgenError("config key diffusion.type_loss=ce needs diffusion.parameterization=x0")
 
 
 @dataclass

@@ -13,6 +13,9 @@ solver of the probability-flow ODE in data (``x0``) prediction, on a grid unifor
 ``dpm2m-sde`` (stochastic): SDE-DPM-Solver++(2M) (Lu et al. 2022, App. B), the same multistep ``x0``
 extrapolation for the reverse SDE on the same reduced log-SNR grid, with fresh zero-CoM noise every step.
 
+A self-conditioned model (:attr:`VPDiffusion.self_condition`) gets, at every step after the first, the ``x0``
+estimate of the step before (Chen et al. 2022, Analog Bits, Alg. 2); the first step sees zeros.
+
 Every sampler takes its randomness from one generator for the batch, or from one generator per molecule
 (:data:`Generators`, :func:`molecule_noise`): then a molecule's prior draw and step noise do not depend on the
 other molecules of its batch. ``record`` (:data:`Recorder`) receives the state after each step (denoising chains).
@@ -137,10 +140,13 @@ def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int =
     device = pos.device
     n_graphs = n_atoms.numel()
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    cond = None  # self-conditioning: the previous step's x0 estimate
     for i in range(steps):
         t, s = grid[i], grid[i + 1]
         t_vec = torch.full((n_graphs,), float(t), device=device)
-        eps_pos, eps_h = diffusion.predict_eps(pos, h, t_vec, batch, edge_index)
+        eps_pos, eps_h = diffusion.predict_eps(pos, h, t_vec, batch, edge_index, cond=cond)
+        if diffusion.self_condition:
+            cond = diffusion.x0_from_eps(pos, h, t_vec, batch, eps_pos, eps_h)
         gamma_t = diffusion.gamma(t.to(device)).float()
         gamma_s = diffusion.gamma(s.to(device)).float()
         if i < steps - 1:
@@ -209,7 +215,8 @@ def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progr
     for i in range(steps):
         g_t, g_s = g_grid[i].float().to(device), g_grid[i + 1].float().to(device)
         t_vec = torch.full((n_atoms.numel(),), float(t_grid[i]), device=device)
-        eps_pos, eps_h = diffusion.predict_eps(pos, h, t_vec, batch, edge_index)
+        cond = prev[:2] if prev is not None and diffusion.self_condition else None
+        eps_pos, eps_h = diffusion.predict_eps(pos, h, t_vec, batch, edge_index, cond=cond)
         a_t, s_t = alpha(g_t), sigma(g_t)
         x0_pos, x0_h = (pos - s_t * eps_pos) / a_t, (h - s_t * eps_h) / a_t
         step = float(lam[i + 1] - lam[i])

@@ -23,7 +23,13 @@ Hoogeboom, Satorras, Vignac & Welling, "Equivariant Diffusion for Molecule Gener
   and ``x0_hat`` for the types is their expectation, ``[p / 4, (p . Z) / 10]``, so ``eps_hat`` and every sampler
   are unchanged; decoding stays the argmax of the one-hot part. The Gaussian diffusion of the one-hot types is
   EDM's; the cross-entropy on the x0 type logits follows continuous diffusion for categorical data (Dieleman et
-  al. 2022, CDCD) and the categorical-type losses of MiDi (Vignac et al. 2023) and EQGAT-diff (Le et al. 2024).
+  al. 2022, CDCD) and the categorical-type losses of MiDi (Vignac et al. 2023) and EQGAT-diff (Le et al. 2024);
+* self-conditioning (``self_condition``; Chen, Zhang & Hinton 2022, "Analog Bits", Sec. 3 and Alg. 1-2): the
+  denoiser also reads an earlier estimate ``x0_cond = (pos_cond, h_cond)`` of the clean molecule, as invariant
+  inputs only (``h_cond`` as extra node features, ``|pos_cond_i - pos_cond_j|^2`` as an extra edge feature, and
+  with vector channels ``pos_cond - pos_t`` as their start), so the model stays E(3)-equivariant. Training: for
+  half of the batches the estimate is the model's own, from a first pass without gradient, else zeros; sampling
+  feeds each step the ``x0`` estimate of the step before (zeros at the first).
 """
 from __future__ import annotations
 
@@ -82,28 +88,48 @@ class Denoiser(nn.Module):
     predicted feature noise is the backbone's invariant output. A backbone with ``vector_channels > 0``
     (:class:`~diffgen.models.egnn.EGNN`) gets a zero velocity: its vector channels start at zero and are built
     by its layers from the atoms' relative positions (translation invariant, so the model stays E(3)-equivariant).
+    With ``self_condition`` the backbone also reads an estimate of the clean molecule (module docstring): node
+    inputs ``[h_t, h_cond, t]`` and one edge feature ``|pos_cond_i - pos_cond_j|^2`` (EGNN ``edge_dim=1``).
 
     Args:
-        backbone: module ``(h [N, N_FEATURES + 1], pos [N, 3], edge_index) -> (h [N, N_FEATURES], pos [N, 3])``, e.g.
+        backbone: module ``(h [N, N_FEATURES + 1], pos [N, 3], edge_index) -> (h [N, N_FEATURES], pos [N, 3])``
+            (with ``self_condition``: ``h [N, 2 N_FEATURES + 1]`` and ``edge_attr [E, 1]``), e.g.
             :class:`~diffgen.models.egnn.EGNN` or :class:`~diffgen.models.e3transformer.E3Transformer`.
         graph: ``"full"`` (default), ``"radius"`` or ``"knn"``; see :mod:`diffgen.data.graphs`.
         cutoff, k: graph parameters for radius / knn.
     """
 
-    def __init__(self, backbone: nn.Module, graph: str = "full", cutoff: float | None = None, k: int | None = None):
+    def __init__(self, backbone: nn.Module, graph: str = "full", cutoff: float | None = None, k: int | None = None,
+                 self_condition: bool = False):
         super().__init__()
         self.backbone, self.graph, self.cutoff, self.k = backbone, graph, cutoff, k
+        self.self_condition = self_condition
 
     def forward(self, pos_t: torch.Tensor, h_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor,
-                edge_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pos_t [N, 3]``, ``h_t [N, 6]``, ``t [B]`` in [0, 1], ``batch [N]`` -> ``(eps_pos [N, 3], eps_h [N, 6])``."""
+                edge_index: torch.Tensor | None = None,
+                cond: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pos_t [N, 3]``, ``h_t [N, 6]``, ``t [B]`` in [0, 1], ``batch [N]`` -> ``(eps_pos [N, 3], eps_h [N, 6])``.
+
+        ``cond``: with ``self_condition``, the estimate ``(pos_cond [N, 3] Å, h_cond [N, 6])`` of the clean molecule
+        to condition on (None: zeros, "no estimate"); without ``self_condition`` it must be None.
+        """
+        if cond is not None and not self.self_condition:
+            raise ValueError("cond given to a Denoiser built without self_condition")
         if edge_index is None:
             edge_index = build_edges(pos_t, batch, self.graph, self.cutoff, self.k)
-        h_in = torch.cat([h_t, t[batch].unsqueeze(-1).to(h_t.dtype)], dim=-1)
+        feats = [h_t, t[batch].unsqueeze(-1).to(h_t.dtype)]
+        kwargs = {}
+        vel = torch.zeros_like(pos_t)
+        if self.self_condition:
+            pos_c, h_c = cond if cond is not None else (torch.zeros_like(pos_t), torch.zeros_like(h_t))
+            feats.insert(1, h_c.to(h_t.dtype))
+            row, col = edge_index
+            kwargs["edge_attr"] = (pos_c[row] - pos_c[col]).pow(2).sum(-1, keepdim=True).to(pos_t.dtype)
+            if cond is not None:
+                vel = (pos_c - remove_mean(pos_t, batch)).to(pos_t.dtype)
         if getattr(self.backbone, "vector_channels", 0):
-            h_out, pos_out = self.backbone(h_in, pos_t, edge_index, vel=torch.zeros_like(pos_t))
-        else:
-            h_out, pos_out = self.backbone(h_in, pos_t, edge_index)
+            kwargs["vel"] = vel
+        h_out, pos_out = self.backbone(torch.cat(feats, dim=-1), pos_t, edge_index, **kwargs)
         eps_pos = remove_mean(pos_out - pos_t, batch)
         return eps_pos, h_out
 
@@ -120,6 +146,8 @@ class VPDiffusion(nn.Module):
                  loss_weight: str = "uniform", min_snr: float = 5.0, t_sampling: str = "uniform",
                  type_loss: str = "mse", type_weight: float = 1.0):
         super().__init__()
+        if getattr(denoiser, "self_condition", False) and parameterization != "x0":
+            raise ValueError("self-conditioning needs parameterization='x0'")
         if type_loss not in TYPE_LOSSES:
             raise ValueError(f"type_loss must be one of {TYPE_LOSSES}, got {type_loss!r}")
         if type_loss == "ce" and parameterization != "x0":
@@ -140,18 +168,40 @@ class VPDiffusion(nn.Module):
         self.schedule = schedule if schedule is not None else NoiseSchedule()
         self.parameterization, self.loss_weight, self.min_snr = parameterization, loss_weight, min_snr
 
+    @property
+    def self_condition(self) -> bool:
+        """Whether the denoiser reads an earlier ``x0`` estimate (samplers then pass it: ``predict_eps(cond=)``)."""
+        return bool(getattr(self.denoiser, "self_condition", False))
+
     def predict_eps(self, pos_t: torch.Tensor, h_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor,
-                    edge_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    edge_index: torch.Tensor | None = None,
+                    cond: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``eps_hat`` for ``z_t = [pos_t [N, 3], h_t [N, 6]]`` at times ``t [B]``, whatever the parameterisation.
+
+        ``cond``: with :attr:`self_condition`, the previous ``x0`` estimate ``(pos [N, 3] Å, h [N, 6])`` (None at the
+        first step); see :meth:`x0_from_eps`.
 
         Returns ``(eps_pos [N, 3] zero-CoM, eps_h [N, 6])``.
         """
-        return self._predict(pos_t, h_t, t, batch, edge_index)[:2]
+        return self._predict(pos_t, h_t, t, batch, edge_index, cond)[:2]
 
-    def _predict(self, pos_t, h_t, t, batch, edge_index=None):
+    def x0_from_eps(self, pos_t: torch.Tensor, h_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor,
+                    eps_pos: torch.Tensor, eps_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean-molecule estimate ``x0 = (z_t - sigma_t eps) / alpha_t`` (positions re-centred): the
+        self-conditioning input of the next step. Shapes as :meth:`predict_eps`."""
+        g = self.gamma(t)[batch].unsqueeze(-1).to(pos_t.dtype)
+        a, s = alpha(g), sigma(g)
+        return remove_mean((pos_t - s * eps_pos) / a, batch), (h_t - s * eps_h) / a
+
+    def _predict(self, pos_t, h_t, t, batch, edge_index=None, cond=None):
         """``(eps_pos, eps_h, type_logits [N, 5] or None)``: :meth:`predict_eps` plus, for ``type_loss='ce'``, the
         clean-type logits the loss needs."""
-        out_pos, out_h = self.denoiser(pos_t, h_t, t, batch, edge_index)
+        if cond is None:
+            out_pos, out_h = self.denoiser(pos_t, h_t, t, batch, edge_index)
+        elif self.self_condition:
+            out_pos, out_h = self.denoiser(pos_t, h_t, t, batch, edge_index, cond)
+        else:
+            raise ValueError("cond given to a diffusion whose denoiser has no self-conditioning")
         if self.parameterization == "eps":
             return out_pos, out_h, None
         g = self.gamma(t)[batch].unsqueeze(-1).to(pos_t.dtype)
@@ -217,7 +267,12 @@ class VPDiffusion(nn.Module):
         pos = remove_mean(pos, batch)
         h = encode_types(z)
         pos_t, h_t, eps_pos, eps_h = self.noise(pos, h, t, batch, generator)
-        pred_pos, pred_h, logits = self._predict(pos_t, h_t, t, batch)
+        cond = None
+        if self.self_condition and float(torch.rand(1, generator=generator, device=generator.device
+                                                    if generator is not None else None)) < 0.5:
+            with torch.no_grad():  # Analog Bits, Alg. 1: the model's own estimate, no gradient through it
+                cond = self.x0_from_eps(pos_t, h_t, t, batch, *self._predict(pos_t, h_t, t, batch)[:2])
+        pred_pos, pred_h, logits = self._predict(pos_t, h_t, t, batch, cond=cond)
         ce = weighted and logits is not None
         err = (pred_pos - eps_pos).pow(2).sum(-1)  # [N]
         if not ce:

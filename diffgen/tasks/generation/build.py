@@ -37,11 +37,13 @@ def build_diffusion(cfg: GenerationConfig) -> VPDiffusion:
         from diffgen.models.e3transformer import E3Transformer  # lazy: e3nn costs ~1.5 s of import
         backbone = E3Transformer(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
                                  **m.transformer_kwargs())
-    else:
-        backbone = EGNN(in_dim=N_FEATURES + 1, hidden=m.hidden, out_dim=N_FEATURES, n_layers=m.n_layers,
-                        attention=m.attention, norm_factor=m.norm_factor, coords_range=m.coords_range,
-                        velocity=m.vector_channels > 0, vector_channels=m.vector_channels)
-    denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k)
+    else:  # self-conditioning: x0 types as extra node inputs, x0 squared distances as one edge feature
+        sc = d.self_condition
+        backbone = EGNN(in_dim=N_FEATURES * (1 + sc) + 1, hidden=m.hidden, out_dim=N_FEATURES,
+                        n_layers=m.n_layers, edge_dim=int(sc), attention=m.attention, norm_factor=m.norm_factor,
+                        coords_range=m.coords_range, velocity=m.vector_channels > 0,
+                        vector_channels=m.vector_channels)
+    denoiser = Denoiser(backbone, graph=m.graph, cutoff=m.cutoff, k=m.k, self_condition=d.self_condition)
     return VPDiffusion(denoiser, NoiseSchedule(d.schedule, d.T, d.s), parameterization=d.parameterization,
                        loss_weight=d.loss_weight, min_snr=d.min_snr, t_sampling=d.t_sampling,
                        type_loss=d.type_loss, type_weight=d.type_weight)

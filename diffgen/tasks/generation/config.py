@@ -68,10 +68,14 @@ class DiffusionConfig:
     # types: mse (EDM: part of the Gaussian eps-MSE) | ce (x0 only: cross-entropy on x0 type logits, x type_weight)
     type_loss: Literal["mse", "ce"] = "mse"
     type_weight: float = bounded(1.0, ge=0)
+    # self-conditioning on the previous x0 estimate (Chen et al. 2022, Analog Bits; x0 and EGNN only)
+    self_condition: bool = False
 
     def check(self) -> None:
         if self.type_loss == "ce" and self.parameterization != "x0":
             raise DiffgenError("config key diffusion.type_loss=ce needs diffusion.parameterization=x0")
+        if self.self_condition and self.parameterization != "x0":
+            raise DiffgenError("config key diffusion.self_condition=true needs diffusion.parameterization=x0")
 
 
 @dataclass
@@ -103,6 +107,10 @@ class GenerationConfig(ConfigRoot):
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: GenerationTrainerConfig = field(default_factory=GenerationTrainerConfig)
+
+    def check(self) -> None:
+        if self.diffusion.self_condition and self.model.backbone != "egnn":
+            raise DiffgenError("config key diffusion.self_condition=true needs model.backbone=egnn")
 
 
 def config_from_dict(values: dict | None) -> GenerationConfig:

@@ -432,8 +432,8 @@ def test_parameterizations_give_equivariant_eps(param, vector_channels):
 
 
 def test_vector_channels_change_the_generator_and_need_the_egnn():
-    """model.vector_channels builds a different function (the channels drive the positions from the second layer
-    on), and is refused with the e3transformer backbone by a one-line config error."""
+    """model.vector_channels builds a different function (the channels, built from relative positions in each
+    layer, move the positions), and is refused with the e3transformer backbone by a one-line config error."""
     from diffgen.errors import DiffgenError
     from diffgen.tasks.generation.build import build_diffusion
     from diffgen.tasks.generation.config import load_generation_config
@@ -497,10 +497,13 @@ def test_ce_type_loss_is_position_mse_plus_type_cross_entropy():
     assert float(plain) == pytest.approx(float((scatter(err, batch, reduce="mean") / 9).mean()), rel=1e-6)
     with pytest.raises(DiffgenError, match="diffusion.type_loss"):
         load_generation_config(None, ["diffusion.parameterization=eps", "diffusion.type_loss=ce"])
+    with pytest.raises(DiffgenError, match="diffusion.type_weight"):
+        load_generation_config(None, ["diffusion.type_weight=0.5"])
 
 
 def test_ce_type_loss_learns_the_types_of_real_molecules(qm9_batch):
-    """300 Adam steps on 16 real QM9 molecules at low noise (t = 0.05): the cross-entropy of the x0 type logits
+    """300 Adam steps on 16 real QM9 molecules at low noise (t = 0.05, where the noisy one-hot still shows the type:
+    this checks that the cross-entropy reaches the type outputs and trains them): the cross-entropy of the x0 type logits
     falls by more than half, to below 0.75 (log 5 = 1.61 is a uniform guess), and their argmax beats calling every atom a hydrogen by 15 points."""
     from diffgen.tasks.generation.build import build_diffusion
     from diffgen.tasks.generation.config import load_generation_config

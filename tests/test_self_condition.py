@@ -47,8 +47,10 @@ def test_self_conditioned_eps_is_e3_equivariant(extra):
     with torch.no_grad():
         e_pos, e_h = assert_e3_equivariant(fn, inputs, ["vec", "scalar"], batch=batch, translate=False)
         e_pos0, _ = diff.predict_eps(pos, h, t, batch)
+        shifted = diff.predict_eps(pos, h, t, batch, cond=(pos_c + torch.tensor([1.0, -2.0, 3.0], dtype=F64), h_c))
     assert e_pos.abs().mean() > 0.05
     assert (e_pos - e_pos0).abs().max() > 1e-3
+    torch.testing.assert_close(shifted[0], e_pos, atol=1e-9, rtol=1e-9)  # only the estimate's shape counts
 
 
 def test_training_conditions_about_half_of_the_batches_on_the_models_own_estimate():

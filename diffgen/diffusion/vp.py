@@ -86,14 +86,17 @@ class Denoiser(nn.Module):
     The time ``t`` is appended to every atom's features; the predicted position noise is the
     backbone's coordinate displacement ``pos_out - pos_t`` projected to zero center of mass; the
     predicted feature noise is the backbone's invariant output. A backbone with ``vector_channels > 0``
-    (:class:`~diffgen.models.egnn.EGNN`) gets a zero velocity: its vector channels start at zero and are built
-    by its layers from the atoms' relative positions (translation invariant, so the model stays E(3)-equivariant).
-    With ``self_condition`` the backbone also reads an estimate of the clean molecule (module docstring): node
-    inputs ``[h_t, h_cond, t]`` and one edge feature ``|pos_cond_i - pos_cond_j|^2`` (EGNN ``edge_dim=1``).
+    (:class:`~diffgen.models.egnn.EGNN`) gets a velocity ``vel``: zero, so that its vector channels start at zero
+    and are built by its layers from the atoms' relative positions, or with ``self_condition`` and an estimate,
+    ``pos_cond - pos_t`` (both centred). With ``self_condition`` the backbone also reads the estimate of the clean
+    molecule (module docstring): node inputs ``[h_t, h_cond, t]`` and one edge feature
+    ``|pos_cond_i - pos_cond_j|^2`` (EGNN ``edge_dim=1``). Every extra input is invariant or translation-free
+    equivariant, so the model stays E(3)-equivariant.
 
     Args:
         backbone: module ``(h [N, N_FEATURES + 1], pos [N, 3], edge_index) -> (h [N, N_FEATURES], pos [N, 3])``
-            (with ``self_condition``: ``h [N, 2 N_FEATURES + 1]`` and ``edge_attr [E, 1]``), e.g.
+            (with ``self_condition``: ``h [N, 2 N_FEATURES + 1]`` and ``edge_attr=[E, 1]``; with vector channels
+            also ``vel=[N, 3]``), e.g.
             :class:`~diffgen.models.egnn.EGNN` or :class:`~diffgen.models.e3transformer.E3Transformer`.
         graph: ``"full"`` (default), ``"radius"`` or ``"knn"``; see :mod:`diffgen.data.graphs`.
         cutoff, k: graph parameters for radius / knn.
@@ -125,8 +128,8 @@ class Denoiser(nn.Module):
             feats.insert(1, h_c.to(h_t.dtype))
             row, col = edge_index
             kwargs["edge_attr"] = (pos_c[row] - pos_c[col]).pow(2).sum(-1, keepdim=True).to(pos_t.dtype)
-            if cond is not None:
-                vel = (pos_c - remove_mean(pos_t, batch)).to(pos_t.dtype)
+            if cond is not None:  # both centred: translation invariant whatever the caller passes
+                vel = (remove_mean(pos_c, batch) - remove_mean(pos_t, batch)).to(pos_t.dtype)
         if getattr(self.backbone, "vector_channels", 0):
             kwargs["vel"] = vel
         h_out, pos_out = self.backbone(torch.cat(feats, dim=-1), pos_t, edge_index, **kwargs)
@@ -219,7 +222,8 @@ class VPDiffusion(nn.Module):
         softmax: the x0 types of ``type_loss='ce'`` (the argmax of the one-hot part is the most likely type)."""
         p = torch.softmax(logits, dim=-1)
         z = torch.tensor(ATOMIC_NUMBERS, dtype=p.dtype, device=p.device)
-        return torch.cat([p / ONE_HOT_SCALE, (p @ z).unsqueeze(-1) / CHARGE_SCALE], dim=-1)
+        # an elementwise product, not p @ z: a matmul would run in bf16 under autocast
+        return torch.cat([p / ONE_HOT_SCALE, (p * z).sum(-1, keepdim=True) / CHARGE_SCALE], dim=-1)
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Training times ``t [n]`` in [0, 1] from :data:`T_SAMPLINGS` ``[self.t_sampling]`` (inverse CDF of one

@@ -41,8 +41,9 @@ class ModelConfig(BackboneConfig):
     graph: GraphKind = "full"
     cutoff: float | None = bounded(None, gt=0)
     k: int | None = bounded(None, ge=1)
-    # EGNN only: C equivariant vector channels per atom, started at zero and updated by every layer from the
-    # atoms' relative positions and their neighbours' vectors (diffgen.models.egnn.EGNN vector_channels); 0 = EDM
+    # EGNN only: C equivariant vector channels per atom, started at zero (with self-conditioning: channel 0 at
+    # pos_cond - pos_t) and updated by every layer from the atoms' relative positions and their neighbours' vectors
+    # (diffgen.models.egnn.EGNN vector_channels); 0 = EDM
     vector_channels: int = bounded(0, ge=0)
 
     def check(self) -> None:
@@ -74,6 +75,8 @@ class DiffusionConfig:
     def check(self) -> None:
         if self.type_loss == "ce" and self.parameterization != "x0":
             raise DiffgenError("config key diffusion.type_loss=ce needs diffusion.parameterization=x0")
+        if self.type_loss == "mse" and self.type_weight != 1.0:
+            raise DiffgenError("config key diffusion.type_weight applies to diffusion.type_loss=ce only")
         if self.self_condition and self.parameterization != "x0":
             raise DiffgenError("config key diffusion.self_condition=true needs diffusion.parameterization=x0")
 

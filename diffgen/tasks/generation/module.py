@@ -62,7 +62,8 @@ class GenerationTask(pl.LightningModule):
         t = torch.rand(batch.num_graphs, generator=gen).to(batch.pos.device)
         loss = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch.num_graphs, sync_dist=True)
-        if self.cfg.diffusion.loss_weight != "uniform":  # the plain eps-MSE, comparable across weightings
+        d = self.cfg.diffusion
+        if d.loss_weight != "uniform" or d.type_loss != "mse":  # the plain eps-MSE, comparable across recipes
             plain = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t, weighted=False)
             self.log("val/eps_mse", plain, batch_size=batch.num_graphs, sync_dist=True)
 

@@ -145,7 +145,7 @@ def ancestral_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int =
         t, s = grid[i], grid[i + 1]
         t_vec = torch.full((n_graphs,), float(t), device=device)
         eps_pos, eps_h = diffusion.predict_eps(pos, h, t_vec, batch, edge_index, cond=cond)
-        if diffusion.self_condition:
+        if diffusion.self_condition and i < steps - 1:
             cond = diffusion.x0_from_eps(pos, h, t_vec, batch, eps_pos, eps_h)
         gamma_t = diffusion.gamma(t.to(device)).float()
         gamma_s = diffusion.gamma(s.to(device)).float()

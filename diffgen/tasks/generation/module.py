@@ -58,13 +58,17 @@ class GenerationTask(pl.LightningModule):
         self._grad_norms = deque((float(v) for v in checkpoint.get("grad_norms", [])), maxlen=self._grad_norms.maxlen)
 
     def validation_step(self, batch, batch_idx):
-        gen = torch.Generator(device="cpu").manual_seed(batch_idx)  # same noise every epoch
+        # the same times, noise and self-conditioning coin every epoch, so val/loss moves only with the weights
+        gen = torch.Generator(device="cpu").manual_seed(batch_idx)
         t = torch.rand(batch.num_graphs, generator=gen).to(batch.pos.device)
-        loss = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t)
+        noise_gen = torch.Generator(device=batch.pos.device)
+        noise_seed = 1_000_003 + batch_idx
+        loss = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t, generator=noise_gen.manual_seed(noise_seed))
         self.log("val/loss", loss, prog_bar=True, batch_size=batch.num_graphs, sync_dist=True)
         d = self.cfg.diffusion
         if d.loss_weight != "uniform" or d.type_loss != "mse":  # the plain eps-MSE, comparable across recipes
-            plain = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t, weighted=False)
+            plain = self.ema.module.loss(batch.pos, batch.z, batch.batch, t=t, weighted=False,
+                                         generator=noise_gen.manual_seed(noise_seed))
             self.log("val/eps_mse", plain, batch_size=batch.num_graphs, sync_dist=True)
 
     def on_validation_epoch_end(self):

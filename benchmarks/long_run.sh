@@ -4,8 +4,10 @@
 #
 #   bash benchmarks/long_run.sh [HOURS] [THREADS] [OVERRIDE ...]   # e.g. bash benchmarks/long_run.sh 2.1 1 &
 #
-# OVERRIDEs are extra config overrides, e.g. trainer.compile=true (the compiled backbone: the same function,
-# ~1.2x the molecules/s on the CPU; benchmarks/results/speedrun.md).
+# OVERRIDEs are extra config overrides. The run's setting since 2026-12-02 is
+#   trainer.compile=true trainer.precision=bf16-mixed
+# (the compiled backbone, the same function, ~1.2x; with bf16 autocast ~2x the molecules/s on this CPU, same
+# speedrun quality over two seed pairs; benchmarks/results/speedrun.md).
 #
 # Needs the `diffgen` command on PATH (activate the environment diffgen is installed in first).
 #

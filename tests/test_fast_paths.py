@@ -22,8 +22,9 @@ def test_bf16_autocast_gives_the_fp32_loss_of_the_shipped_weights(qm9_batch, t_v
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = fixed_loss(diffusion, qm9_batch, t, weighted=False)
     assert bf16.dtype == torch.float32
-    # measured: 0.003-0.3 % relative on 64 validation molecules; bf16 has an 8-bit mantissa (0.4 % per rounding)
-    assert abs(float(bf16 - fp32)) < 0.01 * float(fp32)
+    # bf16 has an 8-bit mantissa (0.4 % per rounding). Measured: 0.003-0.3 % relative with the 12-epoch weights; with
+    # the 21-epoch weights (2026-12-02) 1.1 % at t = 0.02, where the loss is smallest, and under 1 % elsewhere
+    assert abs(float(bf16 - fp32)) < 0.02 * float(fp32)
 
 
 @pytest.mark.slow  # inductor compiles C++ kernels: ~25 s on one thread

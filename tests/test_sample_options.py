@@ -120,16 +120,18 @@ def test_sdf_tags_agree_with_rdkit_reading_the_file(run_a: Path):
             assert not mol.HasProp("rdkit_implicit_hs") and not mol.HasProp("smiles")
 
 
-def test_keep_valid_writes_only_valid_molecules_from_the_same_run(run_a: Path, tmp_path: Path):
-    out = tmp_path / "v"
-    sample(out, "--n", "3", "--steps", "2", "--seed", "11", "--batch-size", "4", "--n-atoms", "9,12,10",
-           "--keep", "valid")
+def test_keep_valid_writes_only_valid_molecules_from_the_same_run(tmp_path: Path):
+    # 3 steps: with the 2026-12-02 weights, 5 of these 8 molecules are valid and the second one is not
+    args = ["--steps", "3", "--seed", "11", "--batch-size", "4", "--n-atoms", "9,12,10"]
+    ref, out = tmp_path / "all", tmp_path / "v"
+    sample(ref, "--n", "8", *args)
+    sample(out, "--n", "3", *args, "--keep", "valid")
     kept = records(out / "samples.sdf")
     assert len(kept) == 3 and all(m.GetProp("rdkit_valid") == "1" for m in kept)
     meta = json.loads((out / "metrics.json").read_text())
     assert meta["kept"] == 3 and meta["attempts"] >= 3 and meta["n_molecules"] == meta["attempts"]
     # the kept molecules are the valid ones of the unfiltered run with the same seed, in order
-    every = records(run_a / "samples.sdf")
+    every = records(ref / "samples.sdf")
     valid_idx = [k for k, m in enumerate(every) if m.GetProp("rdkit_valid") == "1"]
     assert len(valid_idx) >= 3 and valid_idx[:3] != [0, 1, 2], valid_idx  # the filter has something to drop
     assert [int(m.GetProp("diffgen_index")) for m in kept] == valid_idx[:3]

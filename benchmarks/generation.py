@@ -58,19 +58,21 @@ def quality(args) -> None:
     gen = load_generator(args.checkpoint)
     ref = training_smiles()
     print(f"machine: {machine()}; checkpoint: {gen.source}")
+    print(f"precision: {args.precision}")
     print("| sampler | steps | n | atom stab % | mol stab % | valid % | valid&unique % | novelty % | mol/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for steps in args.steps:
         t0 = time.perf_counter()
         mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=steps, batch_size=args.batch_size,
-                                seed=args.seed, sampler=args.sampler)
+                                seed=args.seed, sampler=args.sampler, precision=args.precision)
         dt = time.perf_counter() - t0
-        r = _score(mols, args.n, dt, ref)
+        r = _score(mols, args.n, dt, ref, precision=args.precision, seed=args.seed)
         print(f"| {args.sampler} | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
               f"{100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | {100 * r['novelty']:.1f} | "
               f"{args.n / dt:.2f} |", flush=True)
         if args.json:
-            Path(args.json).with_suffix(f".{args.sampler}{steps}.json").write_text(json.dumps(r, indent=2))
+            tag = "" if args.precision == "fp32" else f".{args.precision}"
+            Path(args.json).with_suffix(f".{args.sampler}{steps}{tag}.json").write_text(json.dumps(r, indent=2))
 
 
 CELLS = Path(__file__).parent / "results" / "generation_cells"
@@ -120,7 +122,7 @@ def sweep(args) -> None:
                 continue
             t0 = time.perf_counter()
             mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=nfe, batch_size=args.batch_size,
-                                    seed=args.seed, sampler=name)
+                                    seed=args.seed, sampler=name, precision="fp32")
             dt = time.perf_counter() - t0
             cmd = (f"python benchmarks/generation.py sweep --samplers {name} --nfe {nfe} --n {args.n} "
                    f"--batch-size {args.batch_size} --seed {args.seed}")
@@ -231,6 +233,8 @@ def main() -> None:
     q.add_argument("--batch-size", type=int, default=250)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--sampler", default="ancestral")
+    q.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="sampling precision (default fp32, as every earlier row of the results files)")
     q.add_argument("--checkpoint", default=None)
     q.add_argument("--json", default=None)
     t = sub.add_parser("train-throughput")

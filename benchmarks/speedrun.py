@@ -101,7 +101,8 @@ def run(args) -> dict:
         ema = task.ema.module.eval()
         t1 = time.perf_counter()
         mols = sample_molecules(ema, NodeCountDistribution(task.hparams["node_histogram"]), args.n_score,
-                                steps=args.sampler_steps, batch_size=100, seed=0, sampler=DEFAULT_SAMPLER)
+                                steps=args.sampler_steps, batch_size=100, seed=0, sampler=DEFAULT_SAMPLER,
+                                precision="fp32")  # every row so far was scored in fp32
         sample_s = time.perf_counter() - t1
     metrics = GenerationMetrics()
     metrics.update(mols)

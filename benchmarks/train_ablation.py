@@ -76,7 +76,7 @@ def score(name: str, out: Path, n_samples: int, eval_steps: int) -> dict:
     gen.diffusion.eval()
     result = {"eps_mse": held_out_eps_mse(gen.diffusion)}
     mols = sample_molecules(gen.diffusion, gen.node_dist, n_samples, steps=eval_steps, batch_size=125, seed=0,
-                            sampler="ancestral")
+                            sampler="ancestral", precision="fp32")
     m = GenerationMetrics()
     m.update(mols)
     result.update({k: v for k, v in m.compute().items() if isinstance(v, float)})

@@ -153,6 +153,7 @@ def assert_user_error(result, fragment: str) -> None:
     (["sample", "--device", "mps"], "MPS is not available"),
     (["sample", "--device", "cuda:7"], "--device cuda:7"),
     (["sample", "--device", "quantum"], "unknown --device"),
+    (["sample", "--precision", "fp16"], "unknown --precision 'fp16': choose auto, fp32, bf16"),
     (["sample", "--out", "missing/folder/x"], "folder missing/folder does not exist"),
     (["draw", "samples.sdf", "--out", "grid.jpg"], "grid.jpg must end in .png or .svg"),
     (["evaluate", "samples.xyz", "--json", "missing/m.json"], "folder missing does not exist"),

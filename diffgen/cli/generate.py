@@ -18,6 +18,7 @@ from rich.table import Table
 from diffgen.cli.common import (
     check_device, check_positive, check_writable, console, out_console, progress, write_json,
 )
+from diffgen.devices import DEFAULT_PRECISION, PRECISIONS, resolve_precision
 from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.errors import DiffgenError
 
@@ -186,6 +187,9 @@ def sample(
     novelty: Optional[bool] = typer.Option(None, "--novelty/--no-novelty",
                                            help="Novelty vs QM9 train (default: only if its reference is cached)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda or mps."),
+    precision: str = typer.Option(DEFAULT_PRECISION, help=f"{', '.join(PRECISIONS)}: the network's matrix products "
+                                  "in bf16 (about 1.4x faster on CPUs with AVX512-BF16) or fp32; auto = bf16 where "
+                                  "the device computes bf16 natively."),
     physics: bool = typer.Option(False, "--check", help="Also run the physics checks of `diffgen check` on the "
                                  "written molecules (PoseBusters, GFN2-xTB relaxation; needs the [check] extra): "
                                  "samples_checks.csv and samples_checks.json in --out."),
@@ -215,6 +219,7 @@ def sample(
         raise DiffgenError(f"--trajectory must be between 0 and --n ({n}), got {trajectory}")
     counts = parse_atom_counts(n_atoms) if n_atoms is not None else None
     check_device(device)
+    precision = resolve_precision(precision, device)
     get_sampler(sampler)  # validate the name before loading anything
     gen, _ = load(checkpoint, device=device)
     counts = check_atom_counts(counts, gen.node_dist, "--n-atoms")
@@ -246,7 +251,7 @@ def sample(
         run = generate_molecules(gen.diffusion, gen.node_dist, n, keep=keep, max_attempts=cap, n_chains=trajectory,
                                  reference_smiles=ref, steps=steps, batch_size=batch_size, seed=seed,
                                  sampler=sampler, n_atoms=counts, progress=lambda k: bar.advance(task, k),
-                                 on_chunk=on_chunk)
+                                 precision=precision, on_chunk=on_chunk)
     seconds = time.perf_counter() - start
     molecules = run.molecules
     props = [{**sd_tags(r), "diffgen_index": i} for r, i in zip(run.reports, run.indices)]
@@ -259,12 +264,13 @@ def sample(
     result = dict(run.metrics)
     result.update(seconds=round(seconds, 2), sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                   atom_counts=n_atoms, keep=keep, kept=len(molecules), attempts=run.attempts,
-                  max_attempts=cap if keep != "all" else None, device=device, checkpoint=str(gen.source),
+                  max_attempts=cap if keep != "all" else None, device=device, precision=precision,
+                  checkpoint=str(gen.source),
                   checkpoint_sha256=file_sha256(gen.source), diffgen_version=diffgen.__version__,
                   torch_version=torch.__version__)
     write_json(json_path, result)
     what = f"{run.attempts} molecules" if keep == "all" else f"{run.attempts} molecules sampled ({len(molecules)} kept)"
-    _print_metrics(result, f"{what}, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device}")
+    _print_metrics(result, f"{what}, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device} ({precision})")
     written = ", ".join(str(p) for p in (sdf_path, xyz_path, *traj_paths[:len(run.chains)]))
     out_console.print(f"wrote {written}", soft_wrap=True, highlight=False)
     if physics and molecules:

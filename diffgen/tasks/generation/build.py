@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from diffgen.devices import DEFAULT_PRECISION, autocast, resolve_precision
 from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffgen.diffusion.samplers import NodeCountDistribution, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
@@ -95,8 +96,8 @@ def check_atom_counts(n_atoms, node_dist: NodeCountDistribution, name: str = "n_
 
 def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = DEFAULT_STEPS,
                      batch_size: int = 100, seed: int = 0, progress=None, sampler: str = DEFAULT_SAMPLER,
-                     n_atoms=None, start: int = 0,
-                     chains: dict[int, list] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     n_atoms=None, start: int = 0, chains: dict[int, list] | None = None,
+                     precision: str = DEFAULT_PRECISION) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Draw molecules ``start, ..., start + n - 1`` of the run ``seed``: atom counts from ``node_dist`` (or
     ``n_atoms``), then ``sampler`` (see :data:`diffgen.diffusion.samplers.SAMPLERS`) in batches of ``batch_size``.
 
@@ -109,17 +110,22 @@ def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n
             :func:`check_atom_counts`.
         chains: optional ``{molecule index: []}``; the list of each index in this run is filled with the
             ``steps + 1`` frames ``(z [n_i], pos [n_i, 3] Å)`` of its denoising chain, prior draw first, result last.
+        precision: one of :data:`diffgen.devices.PRECISIONS`: ``fp32``, ``bf16`` (the network's matrix products under
+            ``torch.autocast`` in bf16; the sampler's updates, noise and outputs stay float32) or ``auto`` (bf16
+            where the diffusion's device computes it natively, :func:`diffgen.devices.resolve_precision`).
 
     Returns:
-        list of ``(z [n_i], pos [n_i, 3] Å)``.
+        list of ``(z [n_i], pos [n_i, 3] Å)``, float32 positions.
 
     Raises:
         ValueError: ``n < 1``, ``steps < 1`` or ``batch_size < 1``.
-        DiffgenError: unknown sampler, bad ``n_atoms``.
+        DiffgenError: unknown sampler or precision, bad ``n_atoms``.
     """
     if n < 1 or batch_size < 1:
         raise ValueError("n and batch_size must be >= 1")
     sample_fn = get_sampler(sampler)
+    device = str(next(diffusion.parameters()).device)
+    precision = resolve_precision(precision, device, option="precision")
     counts = check_atom_counts(n_atoms, node_dist)
     molecules = []
     for lo in range(start, start + n, batch_size):
@@ -130,7 +136,8 @@ def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n
         else:
             sizes = torch.tensor([counts[i % len(counts)] for i in range(lo, hi)])
         record = _chain_recorder(chains, lo, sizes)
-        out = sample_fn(diffusion, sizes, steps=steps, generator=gens, progress=progress, record=record)
+        with autocast(precision, device):
+            out = sample_fn(diffusion, sizes, steps=steps, generator=gens, progress=progress, record=record)
         molecules.extend(out.molecules())
     return molecules
 
@@ -181,7 +188,7 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
                        max_attempts: int | None = None, n_chains: int = 0, reference_smiles: set[str] | None = None,
                        steps: int = DEFAULT_STEPS, batch_size: int = 100, seed: int = 0,
                        sampler: str = DEFAULT_SAMPLER, n_atoms=None, progress=None,
-                       on_chunk: Callable[[int, int, int], None] | None = None) -> GenerationRun:
+                       precision: str = DEFAULT_PRECISION, on_chunk: Callable[[int, int, int], None] | None = None) -> GenerationRun:
     """Sample until ``n`` molecules pass ``keep`` (or ``max_attempts`` molecules were sampled), and score them.
 
     Molecules are sampled in index order (:func:`sample_molecules`) and the first ``n`` that pass are kept, so the
@@ -200,7 +207,8 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
         :class:`GenerationRun`; ``len(run.molecules) < n`` when the cap was hit.
 
     Raises:
-        DiffgenError: unknown ``keep`` or sampler, bad ``n_atoms``, ``max_attempts < n``, ``n_chains > n``.
+        DiffgenError: unknown ``keep``, sampler or precision, bad ``n_atoms``, ``max_attempts < n``,
+            ``n_chains > n``.
         ValueError: as :func:`sample_molecules`.
     """
     from diffgen.eval.chem import GenerationMetrics
@@ -215,6 +223,7 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
     if not 0 <= n_chains <= n:
         raise DiffgenError(f"{n_chains} denoising chains asked for, but only {n} molecules")
     get_sampler(sampler)
+    resolve_precision(precision, option="precision")
     check_atom_counts(n_atoms, node_dist)
     metrics = GenerationMetrics(reference_smiles=reference_smiles)
     run = GenerationRun([], [], [], {}, 0)
@@ -238,7 +247,8 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
             stop = start + (n_chains - len(run.chains) if keep == "all" else count)
             chains = {i: [] for i in range(start, min(stop, start + count))}
         mols = sample_molecules(diffusion, node_dist, count, steps=steps, batch_size=batch_size, seed=seed,
-                                progress=progress, sampler=sampler, n_atoms=n_atoms, start=start, chains=chains)
+                                progress=progress, sampler=sampler, n_atoms=n_atoms, start=start, chains=chains,
+                                precision=precision)
         metrics.update(mols)
         reports = metrics.per_molecule()[start:]
         run.attempts += count

@@ -128,7 +128,7 @@ class PretrainedGenerator:
                 ``max_attempts``, default ``10 * n``; fewer are returned, with a warning, if the cap is hit).
             return_arrays: also return the raw ``(z [n_i] int64, pos [n_i, 3] float32 Å)`` numpy pairs.
             precision: ``"auto"`` (default: bf16 autocast where the device computes bf16 natively, else fp32),
-                ``"fp32"`` or ``"bf16"``; bf16 is about 1.4x faster on CPUs with AVX512-BF16 and moves atoms by
+                ``"fp32"`` or ``"bf16"``; bf16 is 1.1-1.8x faster on CPUs with AVX512-BF16 and moves atoms by
                 hundredths of an Å (``benchmarks/results/generation.md``, "Sampling precision").
 
         Returns:

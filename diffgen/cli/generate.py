@@ -188,7 +188,7 @@ def sample(
                                            help="Novelty vs QM9 train (default: only if its reference is cached)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda or mps."),
     precision: str = typer.Option(DEFAULT_PRECISION, help=f"{', '.join(PRECISIONS)}: the network's matrix products "
-                                  "in bf16 (about 1.4x faster on CPUs with AVX512-BF16) or fp32; auto = bf16 where "
+                                  "in bf16 (1.1-1.8x faster on CPUs with AVX512-BF16) or fp32; auto = bf16 where "
                                   "the device computes bf16 natively."),
     physics: bool = typer.Option(False, "--check", help="Also run the physics checks of `diffgen check` on the "
                                  "written molecules (PoseBusters, GFN2-xTB relaxation; needs the [check] extra): "

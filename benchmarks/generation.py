@@ -182,16 +182,15 @@ def train_throughput(args) -> None:
 
     from diffgen.tasks.generation.config import load_generation_config as load_config
     from diffgen.data.qm9 import QM9
+    from diffgen.devices import autocast
     from diffgen.tasks.generation.build import build_diffusion
-
-    import contextlib
 
     cfg = load_config(args.config)
     torch.manual_seed(0)
     diffusion = build_diffusion(cfg)
     if args.compile:  # the backbone only: the loss has data-dependent shapes (zero-CoM noise per molecule)
         diffusion.denoiser.backbone.compile(dynamic=True)  # in place, as trainer.compile=true does
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    precision = "bf16" if args.bf16 else "fp32"
     opt = torch.optim.AdamW(diffusion.parameters(), lr=cfg.optim.lr)
     if args.resident:  # flat tensors, batches by indexing (data.loader=resident)
         from diffgen.data.packed import PackedLoader, PackedSplit
@@ -205,7 +204,7 @@ def train_throughput(args) -> None:
         if i == args.warmup:
             t0, n_mol = time.perf_counter(), 0
         batch = next(it)
-        with autocast():
+        with autocast(precision):
             loss = diffusion.loss(batch.pos, batch.z, batch.batch)
         opt.zero_grad()
         loss.backward()

@@ -270,7 +270,8 @@ def sample(
                   torch_version=torch.__version__)
     write_json(json_path, result)
     what = f"{run.attempts} molecules" if keep == "all" else f"{run.attempts} molecules sampled ({len(molecules)} kept)"
-    _print_metrics(result, f"{what}, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device} ({precision})")
+    _print_metrics(result, f"{what}, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device} "
+                           f"({precision})")
     written = ", ".join(str(p) for p in (sdf_path, xyz_path, *traj_paths[:len(run.chains)]))
     out_console.print(f"wrote {written}", soft_wrap=True, highlight=False)
     if physics and molecules:

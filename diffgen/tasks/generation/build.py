@@ -188,7 +188,8 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
                        max_attempts: int | None = None, n_chains: int = 0, reference_smiles: set[str] | None = None,
                        steps: int = DEFAULT_STEPS, batch_size: int = 100, seed: int = 0,
                        sampler: str = DEFAULT_SAMPLER, n_atoms=None, progress=None,
-                       precision: str = DEFAULT_PRECISION, on_chunk: Callable[[int, int, int], None] | None = None) -> GenerationRun:
+                       precision: str = DEFAULT_PRECISION,
+                       on_chunk: Callable[[int, int, int], None] | None = None) -> GenerationRun:
     """Sample until ``n`` molecules pass ``keep`` (or ``max_attempts`` molecules were sampled), and score them.
 
     Molecules are sampled in index order (:func:`sample_molecules`) and the first ``n`` that pass are kept, so the

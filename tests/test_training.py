@@ -294,3 +294,48 @@ def test_resumes_a_checkpoint_written_before_the_egnn_block_split(tmp_path: Path
     # with a checkpoint in the run folder, fit() either resumes from it or raises (it never starts afresh)
     task = train_generation(tiny_config(tmp_path / "run", max_steps=3))
     assert task.trainer.global_step == 3
+
+
+def test_lr_factor_warmup_then_linear_or_cosine_decay_to_the_floor():
+    from diffgen.tasks.generation.config import OptimConfig
+
+    lin = OptimConfig(lr=1e-3, warmup_steps=10, lr_decay="linear", decay_steps=100, lr_min=1e-4)
+    cos = OptimConfig(lr=1e-3, warmup_steps=10, lr_decay="cosine", decay_steps=100, lr_min=1e-4)
+    for o in (lin, cos):
+        o.check()
+        assert o.lr_factor(0) == pytest.approx(0.1) and o.lr_factor(4) == pytest.approx(0.5)  # warm-up
+        assert o.lr_factor(10) == pytest.approx(1.0)  # decay starts after the warm-up
+        assert o.lr_factor(110) == pytest.approx(0.1) and o.lr_factor(10_000) == pytest.approx(0.1)  # held
+        assert all(o.lr_factor(s) >= o.lr_factor(s + 1) for s in range(10, 120))  # never rises after warm-up
+    assert lin.lr_factor(60) == pytest.approx(0.55)  # halfway: (1 + 0.1) / 2 in both shapes
+    assert cos.lr_factor(60) == pytest.approx(0.55)
+    assert lin.lr_factor(35) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert cos.lr_factor(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 0.5 ** 0.5))  # cos(pi / 4)
+    assert OptimConfig(warmup_steps=5).lr_factor(7) == 1.0  # lr_decay=none: constant after the warm-up
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optim.lr_decay=linear"], "needs optim.decay_steps >= 1"),
+    (["optim.decay_steps=100"], "apply to optim.lr_decay=linear|cosine"),
+    (["optim.lr_decay=cosine", "optim.decay_steps=10", "optim.lr_min=1.0"], "is above optim.lr"),
+    (["optim.lr_decay=step"], "optim.lr_decay"),
+])
+def test_lr_decay_config_errors(overrides, fragment):
+    from diffgen.errors import DiffgenError
+
+    with pytest.raises(DiffgenError, match=fragment.replace("|", r"\|").replace(".", r"\.")):
+        load_config("qm9_egnn", overrides)
+
+
+def test_lr_decay_drives_the_optimizer_and_survives_a_resume(tmp_path: Path):
+    """The learning rate the optimizer holds follows lr_factor across a resume: 2 steps (1 of warm-up, 1 at full
+    lr) leave it halfway down a 2-step linear decay; resumed to 4 steps, it sits at lr_min."""
+    decay = ["optim.lr=1.0e-3", "optim.warmup_steps=1", "optim.lr_decay=linear", "optim.decay_steps=2",
+             "optim.lr_min=1.0e-5"]
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    for steps, expected in ((2, (1e-3 + 1e-5) / 2), (4, 1e-5)):
+        cfg = load_config("qm9_egnn", [f"trainer.out_dir={run}", f"trainer.max_steps={steps}", *TINY, *decay])
+        assert train_generation(cfg).trainer.global_step == steps
+        lr = load_ckpt(last)["optimizer_states"][0]["param_groups"][0]["lr"]
+        assert lr == pytest.approx(expected, rel=1e-9)

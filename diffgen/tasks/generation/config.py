@@ -7,6 +7,7 @@ them as its comments say.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -89,7 +90,37 @@ class OptimConfig:
     clip_adaptive: bool = True  # EDM: clip at 1.5 x mean + 2 x std of recent gradient norms
     clip_value: float = bounded(1.0, ge=0)  # fixed clip value used when clip_adaptive is False (0 = off)
     warmup_steps: int = bounded(0, ge=0)  # linear learning-rate warm-up from 0 over this many steps (0 = off)
+    # after the warm-up: constant lr (none), or a decay over decay_steps steps to lr_min, then held there. A
+    # "cooldown" of a constant-lr run (warmup-stable-decay; Hagele et al. 2024, arXiv:2405.18392): a branch of the
+    # long run started with init_from decays while the run itself goes on at constant lr
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
+    decay_steps: int = bounded(0, ge=0)
+    lr_min: float = bounded(0.0, ge=0)
     init_from: str | None = None  # start from these generator weights (.safetensors/.ckpt, fresh optimizer) unless resuming
+
+    def check(self) -> None:
+        if self.lr_decay == "none" and (self.decay_steps or self.lr_min):
+            raise DiffgenError("config keys optim.decay_steps and optim.lr_min apply to optim.lr_decay=linear|cosine")
+        if self.lr_decay != "none" and self.decay_steps < 1:
+            raise DiffgenError(f"optim.lr_decay={self.lr_decay} needs optim.decay_steps >= 1")
+        if self.lr_min > self.lr:
+            raise DiffgenError(f"optim.lr_min={self.lr_min:g} is above optim.lr={self.lr:g}")
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier (of ``lr``) at 0-based optimizer step ``step`` of this run.
+
+        Linear warm-up from 0 over ``warmup_steps``; then 1 (``lr_decay=none``), or over the next ``decay_steps``
+        steps a linear or cosine (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts) decay from 1 to
+        ``lr_min / lr``, held at ``lr_min / lr`` afterwards.
+        """
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_decay == "none":
+            return 1.0
+        frac = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        shape = 1.0 - frac if self.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+        floor = self.lr_min / self.lr
+        return floor + (1.0 - floor) * shape
 
 
 @dataclass

@@ -91,10 +91,10 @@ class GenerationTask(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.diffusion.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=True)
-        if o.warmup_steps <= 0:
+        if o.warmup_steps <= 0 and o.lr_decay == "none":
             return opt
-        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / o.warmup_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: o.lr_factor(step))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def init_weights_from(self, path: str) -> None:
         """Start from the weights of a generator checkpoint: its EMA weights into the EMA model, its trained weights

@@ -124,7 +124,8 @@ def sweep(args) -> None:
             mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=nfe, batch_size=args.batch_size,
                                     seed=args.seed, sampler=name, precision="fp32")
             dt = time.perf_counter() - t0
-            cmd = (f"python benchmarks/generation.py sweep --samplers {name} --nfe {nfe} --n {args.n} "
+            ckpt = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
+            cmd = (f"python benchmarks/generation.py sweep{ckpt} --samplers {name} --nfe {nfe} --n {args.n} "
                    f"--batch-size {args.batch_size} --seed {args.seed}")
             r = _score(mols, args.n, dt, ref, sampler=name, nfe=nfe, device=_device_name(args.device),
                        checkpoint=str(gen.source), command=cmd)

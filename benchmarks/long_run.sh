@@ -6,8 +6,10 @@
 #
 # OVERRIDEs are extra config overrides. The run's setting since 2026-12-02 is
 #   trainer.compile=true trainer.precision=bf16-mixed
-# (the compiled backbone, the same function, ~1.2x; with bf16 autocast ~2x the molecules/s on this CPU, same
-# speedrun quality over two seed pairs; benchmarks/results/speedrun.md).
+# (the compiled backbone, the same function, ~1.2x; with bf16 autocast ~2x the molecules/s on a CPU with
+# AVX512-BF16, same speedrun quality over two seed pairs; benchmarks/results/speedrun.md). On a CPU without native
+# bf16 (AVX2 only: `python -c "import torch; print(torch.backends.cpu.get_cpu_capability())"`) leave bf16 out:
+# there it is emulated and ~7x slower (diffgen train warns).
 #
 # Needs the `diffgen` command on PATH (activate the environment diffgen is installed in first).
 #
@@ -28,8 +30,11 @@ minutes=$(python3 -c "print(int(float('$HOURS') * 60))")
 # (trainer.max_time would count the time of earlier sessions too: Lightning restores it from the checkpoint.)
 args=(--config qm9_egnn --out-dir "$RUN" trainer.max_steps=-1 trainer.max_time=null
       trainer.limit_val_batches=0.05 trainer.sample_every_n_epochs=0 trainer.ckpt_every_n_steps=500 "$@")
+# The warm-up is passed on every start, resumes included: the lr is recomputed from the config at each step, so a
+# run stopped mid-warm-up goes on warming up (after step 300 the factor is 1, the constant lr).
+args+=(optim.warmup_steps=300)
 if ! ls "$RUN"/checkpoints/*.ckpt >/dev/null 2>&1; then
-    args+=("optim.init_from=$STATE" optim.warmup_steps=300)
+    args+=("optim.init_from=$STATE")
     echo "long run: no checkpoint in $RUN; starting from $STATE" >&2
 fi
 OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS exec timeout --signal=INT --kill-after=300 "${minutes}m" \

@@ -30,12 +30,15 @@ from diffgen.errors import DiffgenError
 from diffgen.eval.bonds import as_numpy_molecule, type_indices
 from diffgen.eval.chem import to_rdkit
 
-__all__ = ["ensure_new", "sdf_record", "write_sdf", "write_xyz", "read_molecules"]
+__all__ = ["SDF_DECIMALS", "ensure_new", "sdf_record", "write_sdf", "write_xyz", "read_molecules"]
 
 Molecule = tuple[np.ndarray, np.ndarray]
 
 # molfile V2000 coordinates are written as %10.4f: larger magnitudes break the columns
 _SDF_MAX_COORD = 99999.0
+#: Decimals of an SDF coordinate (Å). Sampled molecules are rounded to this before they are scored and written
+#: (:func:`diffgen.tasks.generation.build.generate_molecules`), so the files re-score to the reported metrics.
+SDF_DECIMALS = 4
 
 
 def _one_line(text: str) -> str:

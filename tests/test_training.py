@@ -339,3 +339,38 @@ def test_lr_decay_drives_the_optimizer_and_survives_a_resume(tmp_path: Path):
         assert train_generation(cfg).trainer.global_step == steps
         lr = load_ckpt(last)["optimizer_states"][0]["param_groups"][0]["lr"]
         assert lr == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_resume_recomputes_the_lr_from_the_config_instead_of_keeping_a_stale_one(tmp_path: Path):
+    """A run stopped mid-warm-up (step 1 of 4: lr 2.5e-4 of 1e-3) and resumed without the warm-up override trains
+    at the configured 1e-3, and one resumed with it goes on warming up. Without a scheduler in the resumed run the
+    optimizer kept the checkpoint's 2.5e-4 for good (seen in the long run, 2026-12-03)."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+
+    def train(steps: int, *extra: str) -> float:
+        cfg = load_config("qm9_egnn", [f"trainer.out_dir={run}", f"trainer.max_steps={steps}", *TINY,
+                                       "optim.lr=1.0e-3", *extra])
+        assert train_generation(cfg).trainer.global_step == steps
+        ckpt = load_ckpt(last)
+        assert ckpt["lr_schedulers"], "the scheduler's state is saved"
+        return ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+
+    assert train(1, "optim.warmup_steps=4") == pytest.approx(2 * 1e-3 / 4)  # lr for the next step, (1 + 1) / 4
+    assert train(2, "optim.warmup_steps=4") == pytest.approx(3 * 1e-3 / 4)  # resumed: the warm-up goes on
+    assert train(3) == pytest.approx(1e-3)  # resumed with a constant lr: the config's lr, not the stale 7.5e-4
+
+
+@pytest.mark.parametrize("precision, native, accelerator, warns", [
+    ("bf16-mixed", False, "cpu", True), ("bf16-mixed", False, "auto", not torch.cuda.is_available()),
+    ("bf16-mixed", True, "cpu", False), ("32-true", False, "cpu", False)])
+def test_bf16_training_on_a_cpu_without_native_bf16_warns(precision, native, accelerator, warns, monkeypatch,
+                                                          capsys):
+    import diffgen.devices
+    from diffgen.tasks.trainer import warn_emulated_bf16
+
+    monkeypatch.setattr(diffgen.devices, "native_bf16", lambda device="cpu": native)
+    tc = load_config("qm9_egnn", [f"trainer.precision={precision}", f"trainer.accelerator={accelerator}"]).trainer
+    assert warn_emulated_bf16(tc) is warns
+    err = capsys.readouterr().err
+    assert (err.count("\n") == 1 and err.startswith("warning: ") and "32-true" in err) if warns else err == ""

@@ -180,6 +180,14 @@ class GenerationRun:
     chains: dict[int, list] = field(default_factory=dict)
 
 
+def _round_positions(pos: torch.Tensor) -> torch.Tensor:
+    """``pos`` (Å) rounded to :data:`diffgen.io.SDF_DECIMALS` decimals (computed in float64), same dtype."""
+    from diffgen.io import SDF_DECIMALS
+
+    scale = 10.0 ** SDF_DECIMALS
+    return (pos.double() * scale).round().div(scale).to(pos.dtype)
+
+
 def _passes(report: dict, keep: str) -> bool:
     return keep == "all" or (keep == "valid" and report["valid"]) or (keep == "stable" and report["mol_stable"])
 
@@ -194,6 +202,8 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
 
     Molecules are sampled in index order (:func:`sample_molecules`) and the first ``n`` that pass are kept, so the
     kept set depends only on the seed and the settings, not on ``batch_size``; ``keep="all"`` samples exactly ``n``.
+    Positions are rounded to :data:`diffgen.io.SDF_DECIMALS` decimals (1e-4 Å) before they are scored: the
+    distance-based bond rules have hard cut-offs, and unrounded scores would not always match the written SDF.
 
     Args:
         keep: ``"all"``, ``"valid"`` (RDKit sanitization passes, EDM validity) or ``"stable"`` (EDM molecule
@@ -250,6 +260,9 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
         mols = sample_molecules(diffusion, node_dist, count, steps=steps, batch_size=batch_size, seed=seed,
                                 progress=progress, sampler=sampler, n_atoms=n_atoms, start=start, chains=chains,
                                 precision=precision)
+        mols = [(z, _round_positions(pos)) for z, pos in mols]
+        for i, frames in (chains or {}).items():  # the chain ends at the molecule as scored and written
+            frames[-1] = mols[i - start]
         metrics.update(mols)
         reports = metrics.per_molecule()[start:]
         run.attempts += count

@@ -91,8 +91,9 @@ class GenerationTask(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.diffusion.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=True)
-        if o.warmup_steps <= 0 and o.lr_decay == "none":
-            return opt
+        # always a scheduler, even a constant one: its step count is saved in the checkpoint and the lr is
+        # recomputed from this run's config at every step, so a resume never keeps a stale lr from the optimizer
+        # state (without one, a run resumed mid-warm-up kept the warm-up's lr of that step for good)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: o.lr_factor(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -408,3 +408,28 @@ def test_cli_predict_warns_about_molecules_larger_than_qm9(tmp_path, tiny_checkp
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "out of domain" in warnings[0] and "molecule 1" in warnings[0], proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 2  # header + one prediction
+
+
+@pytest.mark.parametrize("scheduler", ["none", "cosine"])
+def test_lr_warm_up_then_constant_or_cosine_to_zero_over_the_planned_steps(scheduler):
+    """The optimizer's lr at each step: warm-up over 2 steps (also with scheduler=none, where it used to be ignored),
+    then 1e-3 held, or a cosine reaching 0 at the 10th (last planned) step."""
+    from types import SimpleNamespace
+
+    cfg = tiny_config().to_dict()
+    cfg["optim"].update(lr=1e-3, scheduler=scheduler, warmup_steps=2)
+    task = RegressionTask(cfg, {"mean": [0.0], "mad": [1.0]})
+    task._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    out = task.configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.5e-3, 1e-3, 1e-3])
+    if scheduler == "none":
+        assert lrs == pytest.approx([0.5e-3] + [1e-3] * 9)
+    else:  # cosine over steps 2..10: halfway at step 6, 0 after the last step
+        assert lrs[6] == pytest.approx(0.5e-3) and all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

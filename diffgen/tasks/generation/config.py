@@ -7,13 +7,13 @@ them as its comments say.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from diffgen.config import BackboneConfig, ConfigRoot, GraphKind, TrainerConfig, bounded, build_config, load_config
 from diffgen.errors import DiffgenError
+from diffgen.tasks.lr_schedule import lr_factor
 
 
 @dataclass
@@ -107,20 +107,9 @@ class OptimConfig:
             raise DiffgenError(f"optim.lr_min={self.lr_min:g} is above optim.lr={self.lr:g}")
 
     def lr_factor(self, step: int) -> float:
-        """Learning-rate multiplier (of ``lr``) at 0-based optimizer step ``step`` of this run.
-
-        Linear warm-up from 0 over ``warmup_steps``; then 1 (``lr_decay=none``), or over the next ``decay_steps``
-        steps a linear or cosine (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts) decay from 1 to
-        ``lr_min / lr``, held at ``lr_min / lr`` afterwards.
-        """
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.lr_decay == "none":
-            return 1.0
-        frac = min(1.0, (step - self.warmup_steps) / self.decay_steps)
-        shape = 1.0 - frac if self.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-        floor = self.lr_min / self.lr
-        return floor + (1.0 - floor) * shape
+        """Learning-rate multiplier (of ``lr``) at 0-based optimizer step ``step`` of this run: the warm-up, then
+        constant or the decay to ``lr_min / lr`` (:func:`diffgen.tasks.lr_schedule.lr_factor`)."""
+        return lr_factor(step, self.warmup_steps, self.lr_decay, self.decay_steps, self.lr_min / self.lr)
 
 
 @dataclass

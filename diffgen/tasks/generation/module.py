@@ -16,6 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from diffgen.tasks.generation.config import GenerationConfig, config_from_dict
 from diffgen.tasks.generation.build import build_diffusion
+from diffgen.tasks.lr_schedule import step_scheduler
 from diffgen.diffusion.samplers import NodeCountDistribution, ancestral_sample
 
 
@@ -91,11 +92,7 @@ class GenerationTask(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.diffusion.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=True)
-        # always a scheduler, even a constant one: its step count is saved in the checkpoint and the lr is
-        # recomputed from this run's config at every step, so a resume never keeps a stale lr from the optimizer
-        # state (without one, a run resumed mid-warm-up kept the warm-up's lr of that step for good)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: o.lr_factor(step))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return step_scheduler(opt, o.lr_factor)
 
     def init_weights_from(self, path: str) -> None:
         """Start from the weights of a generator checkpoint: its EMA weights into the EMA model, its trained weights

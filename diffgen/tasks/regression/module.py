@@ -8,11 +8,11 @@ the regressor. Loss: L1 on the normalised values. Inference needs no Lightning: 
 """
 from __future__ import annotations
 
-import math
 
 import pytorch_lightning as pl
 import torch
 
+from diffgen.tasks.lr_schedule import lr_factor, step_scheduler
 from diffgen.tasks.regression.checkpoints import build_model
 from diffgen.tasks.regression.config import RegressionConfig, regression_config_from_dict
 from diffgen.tasks.regression.targets import REPORT_UNITS, regression_values
@@ -109,19 +109,11 @@ class RegressionTask(pl.LightningModule):
         o = self.cfg.optim
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
         opt = opt_cls(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if o.scheduler == "none":
-            return opt
-        total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = max(0, o.warmup_steps)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if o.scheduler == "none":
+            return step_scheduler(opt, lambda step: lr_factor(step, warm))
+        total = max(1, int(self.trainer.estimated_stepping_batches))  # cosine to 0 over the planned steps
+        return step_scheduler(opt, lambda step: lr_factor(step, warm, "cosine", total - warm))
 
 
 def train_regression(cfg: RegressionConfig) -> RegressionTask:

@@ -30,7 +30,7 @@ minutes=$(python3 -c "print(int(float('$HOURS') * 60))")
 # (trainer.max_time would count the time of earlier sessions too: Lightning restores it from the checkpoint.)
 args=(--config qm9_egnn --out-dir "$RUN" trainer.max_steps=-1 trainer.max_time=null
       trainer.limit_val_batches=0.05 trainer.sample_every_n_epochs=0 trainer.ckpt_every_n_steps=500 "$@")
-# The warm-up is passed on every start, resumes included: the lr is recomputed from the config at each step, so a
+# The warm-up is passed on every start, resumes included: the lr factor is recomputed from the config at each step, so a
 # run stopped mid-warm-up goes on warming up (after step 300 the factor is 1, the constant lr).
 args+=(optim.warmup_steps=300)
 if ! ls "$RUN"/checkpoints/*.ckpt >/dev/null 2>&1; then

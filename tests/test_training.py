@@ -341,7 +341,7 @@ def test_lr_decay_drives_the_optimizer_and_survives_a_resume(tmp_path: Path):
         assert lr == pytest.approx(expected, rel=1e-9)
 
 
-def test_a_resume_recomputes_the_lr_from_the_config_instead_of_keeping_a_stale_one(tmp_path: Path):
+def test_a_resume_recomputes_the_lr_factor_from_the_config_instead_of_keeping_a_stale_lr(tmp_path: Path):
     """A run stopped mid-warm-up (step 1 of 4: lr 2.5e-4 of 1e-3) and resumed without the warm-up override trains
     at the configured 1e-3, and one resumed with it goes on warming up. Without a scheduler in the resumed run the
     optimizer kept the checkpoint's 2.5e-4 for good (seen in the long run, 2026-12-03)."""

@@ -32,8 +32,9 @@ def step_scheduler(optimizer, factor) -> dict:
     """Lightning's optimizer dict with a per-step ``LambdaLR`` of ``factor(step)``.
 
     Every task uses one, constant schedules included: the scheduler's step count is saved in the checkpoint and
-    the lr is recomputed from the run's config at every step, so a resume never keeps a stale lr from the optimizer
-    state (without a scheduler, a run resumed mid-warm-up kept that step's warm-up lr for good).
+    the factor is recomputed from the resumed run's config at every step, so a resume never keeps a stale lr from
+    the optimizer state (without a scheduler, a run resumed mid-warm-up kept that step's warm-up lr for good). The
+    base lr is the checkpoint's (``LambdaLR`` saves it): changing ``optim.lr`` on a resume does not take effect.
     """
     import torch
 

@@ -8,7 +8,6 @@ the regressor. Loss: L1 on the normalised values. Inference needs no Lightning: 
 """
 from __future__ import annotations
 
-
 import pytorch_lightning as pl
 import torch
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from diffgen.tasks.dynamics.checkpoints import build_model
 from diffgen.tasks.dynamics.config import DynamicsConfig, dynamics_config_from_dict
 from diffgen.tasks.dynamics.data import pairs_dataset
+from diffgen.tasks.lr_schedule import step_scheduler
 
 
 class DynamicsTask(pl.LightningModule):
@@ -67,8 +68,8 @@ class DynamicsTask(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if o.lr_schedule == "constant":
-            return opt
+        if o.lr_schedule == "constant":  # a scheduler all the same, as every task has (lr_schedule.step_scheduler)
+            return step_scheduler(opt, lambda step: 1.0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.cfg.trainer.max_epochs, 1),
                                                            eta_min=o.lr_min)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

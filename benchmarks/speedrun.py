@@ -67,21 +67,23 @@ def _sample_load(loads: list[float], stop: threading.Event, every_s: float = 30.
 
 def run(args) -> dict:
     """Train, sample, score; write and return the row."""
+    from diffgen.tasks.generation.config import load_generation_config
+
+    _check(args)
+    base = load_generation_config(args.config, args.set)  # validates the variant before torch is even imported
+
     import torch
 
     from diffgen.diffusion import DEFAULT_SAMPLER
     from diffgen.diffusion.samplers import NodeCountDistribution
     from diffgen.eval.chem import GenerationMetrics
     from diffgen.tasks.generation.build import sample_molecules
-    from diffgen.tasks.generation.config import load_generation_config
     from diffgen.tasks.generation.module import train_generation
 
-    _check(args)
     out_dir = Path(args.out_dir) if args.out_dir else ROWS
     out_dir.mkdir(parents=True, exist_ok=True)
     row_path = out_dir / f"{args.name}-seed{args.seed}.json"
     with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
-        base = load_generation_config(args.config, args.set)  # validates the variant before any work
         steps = math.ceil(args.molecules / base.data.batch_size)
         cfg = load_generation_config(args.config, [
             *args.set, f"trainer.out_dir={tmp}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",

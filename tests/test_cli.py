@@ -78,6 +78,25 @@ def test_non_positive_n(n: str):
     assert_one_line_error(run_cli("sample", "--n", n), "--n must be positive")
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--n", "0"], "--n must be positive"),
+    (["--steps", "-1"], "--steps must be positive"),
+    (["--n-atoms", "x"], "--n-atoms 'x'"),
+    (["--n", "2", "--trajectory", "3"], "--trajectory must be between 0 and --n (2)"),
+    (["--checkpoint", "nope.safetensors"], "checkpoint not found"),
+])
+def test_sample_rejects_bad_input_before_importing_torch(tmp_path: Path, args: list[str], fragment: str):
+    """Typos cost a fraction of a second: these checks run before torch is imported (a stand-in torch package that
+    fails on import is first on the path, so any torch import would turn the error into a traceback)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch imported before the input checks')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "160"}
+    res = subprocess.run([sys.executable, "-m", "diffgen.cli", "sample", *args], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120, env=env)
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res, fragment)
+
+
 def test_missing_checkpoint(tmp_path: Path):
     assert_one_line_error(run_cli("sample", "--n", "1", "--checkpoint", str(tmp_path / "nope.ckpt")), "not found")
 

@@ -37,8 +37,10 @@ else
         cp benchmarks/state/qm9_egnn_long.safetensors "$START"
     fi
 fi
+# shellcheck source=benchmarks/long_run_settings.sh
+source benchmarks/long_run_settings.sh
 OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS exec diffgen train --config qm9_egnn --out-dir "$COOL" \
-    trainer.max_steps="$STEPS" trainer.max_time=null trainer.limit_val_batches=0.05 trainer.sample_every_n_epochs=0 \
-    trainer.ckpt_every_n_steps=500 trainer.compile=true trainer.precision=bf16-mixed optim.init_from="$START" \
+    trainer.max_steps="$STEPS" "${LONG_RUN_SETTINGS[@]}" trainer.compile=true trainer.precision=bf16-mixed \
+    optim.init_from="$START" \
     optim.warmup_steps="$WARMUP" optim.lr_decay=linear optim.decay_steps=$(( STEPS - WARMUP )) optim.lr_min="$LR_MIN" \
     "$@"

@@ -28,8 +28,9 @@ STATE=benchmarks/state/qm9_egnn_long.safetensors
 minutes=$(python3 -c "print(int(float('$HOURS') * 60))")
 # The run stops by Ctrl-C (SIGINT) after HOURS: diffgen then finishes the current step and saves last.ckpt there.
 # (trainer.max_time would count the time of earlier sessions too: Lightning restores it from the checkpoint.)
-args=(--config qm9_egnn --out-dir "$RUN" trainer.max_steps=-1 trainer.max_time=null
-      trainer.limit_val_batches=0.05 trainer.sample_every_n_epochs=0 trainer.ckpt_every_n_steps=500 "$@")
+# shellcheck source=benchmarks/long_run_settings.sh
+source benchmarks/long_run_settings.sh
+args=(--config qm9_egnn --out-dir "$RUN" trainer.max_steps=-1 "${LONG_RUN_SETTINGS[@]}" "$@")
 # The warm-up is passed on every start, resumes included: the lr factor is recomputed from the config at each step, so a
 # run stopped mid-warm-up goes on warming up (after step 300 the factor is 1, the constant lr).
 args+=(optim.warmup_steps=300)

@@ -74,6 +74,7 @@ def main() -> None:
         "trainer.matmul_precision=high", f"trainer.compile={str(args.compile).lower()}",
         f"trainer.max_steps={args.max_steps}", "trainer.max_time=null", "trainer.max_epochs=-1",
         "trainer.sample_every_n_epochs=0", "trainer.limit_val_batches=4", "trainer.ckpt_every_n_steps=1000",
+        "optim.lr=5.0e-4",  # the long run's rate (it continues that run), not the config's from-scratch default
         *([] if args.resume else [f"optim.init_from={Path(args.init).resolve()}", "optim.warmup_steps=300"]),
         *args.set,
     ]

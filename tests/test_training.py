@@ -342,7 +342,7 @@ def test_lr_decay_drives_the_optimizer_and_survives_a_resume(tmp_path: Path):
 
 
 def test_a_resume_recomputes_the_lr_factor_from_the_config_instead_of_keeping_a_stale_lr(tmp_path: Path):
-    """A run stopped mid-warm-up (step 1 of 4: lr 2.5e-4 of 1e-3) and resumed without the warm-up override trains
+    """A run stopped mid-warm-up (step 1 of 4: lr 2.5e-4 of 1e-3) and resumed with the warm-up off trains
     at the configured 1e-3, and one resumed with it goes on warming up. Without a scheduler in the resumed run the
     optimizer kept the checkpoint's 2.5e-4 for good (seen in the long run, 2026-12-03)."""
     run = tmp_path / "run"
@@ -358,7 +358,8 @@ def test_a_resume_recomputes_the_lr_factor_from_the_config_instead_of_keeping_a_
 
     assert train(1, "optim.warmup_steps=4") == pytest.approx(2 * 1e-3 / 4)  # lr for the next step, (1 + 1) / 4
     assert train(2, "optim.warmup_steps=4") == pytest.approx(3 * 1e-3 / 4)  # resumed: the warm-up goes on
-    assert train(3) == pytest.approx(1e-3)  # resumed with a constant lr: the config's lr, not the stale 7.5e-4
+    # resumed with the warm-up off (a constant lr): the configured lr, not the stale 7.5e-4
+    assert train(3, "optim.warmup_steps=0") == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("precision, native, accelerator, warns", [

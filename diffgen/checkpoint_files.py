@@ -221,6 +221,44 @@ def export_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype,
     return out
 
 
+def average_states(states: list[dict[str, torch.Tensor]], paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Uniform mean of several state dicts of one network (checkpoint averaging: Polyak & Juditsky 1992; over the
+    weights of one run, Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better Generalization").
+
+    Floating-point tensors are averaged in float32 (float64 ones in float64) and come back in the first state's
+    dtype; other tensors (integer buffers) must be equal in all states and are taken from the first.
+
+    Args:
+        states: the state dicts (at least one), all with the same keys and shapes.
+        paths: the file each state came from (for the error messages), same length as ``states``.
+
+    Raises:
+        DiffgenError: a state with other keys, another shape or a differing non-floating tensor than the first.
+    """
+    import torch
+
+    first, first_path = states[0], paths[0]
+    for state, path in zip(states[1:], paths[1:]):
+        if state.keys() != first.keys():
+            diff = sorted(set(state) ^ set(first))
+            raise DiffgenError(f"cannot average {path} with {first_path}: different weights ({', '.join(diff[:3])})")
+        for k, v in state.items():
+            if v.shape != first[k].shape:
+                raise DiffgenError(f"cannot average {path} with {first_path}: {k} has shape {tuple(v.shape)}, "
+                                   f"not {tuple(first[k].shape)}")
+            if not v.is_floating_point() and not torch.equal(v, first[k]):
+                raise DiffgenError(f"cannot average {path} with {first_path}: {k} differs")
+    out = {}
+    for k, v in first.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        total = sum(s[k].detach().to(acc) for s in states)
+        out[k] = (total / len(states)).to(v.dtype)
+    return out
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], out_path: Path) -> Path:
     """Write ``tensors`` with string metadata atomically (temporary file, then rename). No overwrite check: callers
     run :func:`check_writable` first."""

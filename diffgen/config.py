@@ -70,6 +70,9 @@ class TrainerConfig:
     limit_train_batches: int | float = bounded(1.0, gt=0)  # Lightning: a float is a fraction, an int a count
     limit_val_batches: int | float = bounded(1.0, ge=0)
     ckpt_every_n_steps: int = bounded(1000, ge=1)
+    # also keep a checkpoint every N steps in checkpoints/kept/ (none deleted; e.g. to average, `diffgen export A B
+    # OUT`); 0: off
+    keep_every_n_steps: int = bounded(0, ge=0)
 
 
 #: Choices of ``model.backbone``: the EGNN or the E(3) transformer (see :class:`BackboneConfig`).

@@ -277,3 +277,89 @@ def test_generator_export_with_raw_weights_restarts_training_where_it_was(tmp_pa
         if v.is_floating_point() and k in dict(fresh.diffusion.named_parameters()):
             expected = d * task.ema.module.state_dict()[k] + (1 - d) * task.diffusion.state_dict()[k]
             torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _generation_ckpt(path: Path, shift: float, config: dict | None = None, histogram: list | None = None) -> Path:
+    """A tiny generator ``.ckpt`` whose EMA weights are the seeded weights plus ``shift`` (trained weights + 1 more)."""
+    from diffgen.tasks.generation.module import GenerationTask
+
+    torch.manual_seed(0)
+    module = GenerationTask(config or {"model": {"hidden": 8, "n_layers": 1}, "diffusion": {"T": 20}},
+                            histogram or HISTOGRAM)
+    with torch.no_grad():
+        for p in module.ema.module.parameters():
+            p.add_(shift)
+        for p in module.diffusion.parameters():
+            p.add_(shift + 1.0)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "global_step": 7}, path)
+    return path
+
+
+def test_generator_export_of_several_checkpoints_writes_the_mean_of_their_ema_weights(tmp_path):
+    paths = [_generation_ckpt(tmp_path / f"s{i}.ckpt", shift) for i, shift in enumerate((0.0, 0.3, 0.9))]
+    emas = [generation_ckpt.load(p)[0].diffusion.state_dict() for p in paths]
+    out = generation_ckpt.export(paths, tmp_path / "avg.safetensors", dtype=torch.float32)
+    gen, cfg = generation_ckpt.load(out)
+    got = gen.diffusion.state_dict()
+    assert list(got) == list(emas[0])
+    floating = [k for k, v in emas[0].items() if v.is_floating_point()]
+    assert floating
+    for k in floating:  # the mean of the EMA weights (shift 0.4), not of the trained ones (shift 1.4)
+        torch.testing.assert_close(got[k], (emas[0][k] + emas[1][k] + emas[2][k]) / 3, rtol=0, atol=1e-6)
+    assert any(not torch.equal(got[k], emas[1][k]) for k in floating)
+    assert cfg.to_dict() == generation_ckpt.load(paths[0])[1].to_dict()
+    assert gen.node_dist.histogram.tolist() == HISTOGRAM
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["averaged_from"]) == ["s0.ckpt", "s1.ckpt", "s2.ckpt"]
+    # one checkpoint given as a list is a plain export
+    single = generation_ckpt.export([paths[1]], tmp_path / "one.safetensors", dtype=torch.float32)
+    for k, v in generation_ckpt.load(single)[0].diffusion.state_dict().items():
+        assert torch.equal(v, emas[1][k])
+
+
+@pytest.mark.parametrize("other, fragment", [
+    ({"config": {"model": {"hidden": 16, "n_layers": 1}, "diffusion": {"T": 20}}}, "model configs differ"),
+    ({"config": {"model": {"hidden": 8, "n_layers": 1}, "diffusion": {"T": 30}}}, "diffusion configs differ"),
+    ({"histogram": [0, 0, 2, 3, 2]}, "atom-count histograms differ"),
+])
+def test_generator_average_of_checkpoints_of_different_models_is_a_one_line_error(tmp_path, other, fragment):
+    a = _generation_ckpt(tmp_path / "a.ckpt", 0.0)
+    b = _generation_ckpt(tmp_path / "b.ckpt", 0.1, other.get("config"), other.get("histogram"))
+    out = tmp_path / "avg.safetensors"
+    with pytest.raises(DiffgenError) as exc:
+        generation_ckpt.export([a, b], out)
+    _assert_one_line(exc, "cannot average", str(b), fragment)
+    assert not out.exists() and not out.with_suffix(".yaml").exists()
+
+
+def test_generator_average_error_paths(tmp_path):
+    a = _generation_ckpt(tmp_path / "a.ckpt", 0.0)
+    out = tmp_path / "avg.safetensors"
+    for paths, fragment in (([a, tmp_path / "missing.ckpt"], "not found"), ([], "at least one checkpoint")):
+        with pytest.raises(DiffgenError) as exc:
+            generation_ckpt.export(paths, out)
+        _assert_one_line(exc, fragment)
+    with pytest.raises(DiffgenError) as exc:
+        generation_ckpt.export([a, a], out, with_raw=True)
+    _assert_one_line(exc, "--with-raw takes one checkpoint")
+    assert not out.exists()
+
+
+def test_average_states_checks_keys_shapes_and_integer_buffers():
+    from diffgen.checkpoint_files import average_states
+
+    paths = [Path("a.ckpt"), Path("b.ckpt")]
+    a = {"w": torch.tensor([1.0, 2.0], dtype=torch.float16), "n": torch.tensor([3]), "s": torch.tensor([1.0],
+                                                                                                    dtype=torch.float64)}
+    b = {"w": torch.tensor([2.0, 5.0], dtype=torch.float16), "n": torch.tensor([3]), "s": torch.tensor([2.0],
+                                                                                                    dtype=torch.float64)}
+    mean = average_states([a, b], paths)
+    assert mean["w"].dtype == torch.float16 and mean["w"].tolist() == [1.5, 3.5]
+    assert mean["s"].dtype == torch.float64 and mean["s"].tolist() == [1.5]
+    assert torch.equal(mean["n"], a["n"])
+    for broken, fragment in (({**b, "n": torch.tensor([4])}, "n differs"),
+                             ({**b, "w": torch.zeros(3)}, "w has shape (3,), not (2,)"),
+                             ({"w": b["w"], "n": b["n"]}, "different weights (s)")):
+        with pytest.raises(DiffgenError) as exc:
+            average_states([a, broken], paths)
+        _assert_one_line(exc, "cannot average b.ckpt with a.ckpt", fragment)

@@ -375,3 +375,30 @@ def test_bf16_training_on_a_cpu_without_native_bf16_warns(precision, native, acc
     assert warn_emulated_bf16(tc) is warns
     err = capsys.readouterr().err
     assert (err.count("\n") == 1 and err.startswith("warning: ") and "32-true" in err) if warns else err == ""
+
+
+def test_kept_checkpoints_are_never_deleted_ignored_by_resume_and_averaged_by_export(tmp_path: Path):
+    """``trainer.keep_every_n_steps`` keeps every N-th step in checkpoints/kept/ (the periodic stepN.ckpt keeps only
+    the newest); a resume still goes by checkpoints/*.ckpt; ``diffgen export A B OUT`` writes their EMA mean."""
+    run = tmp_path / "run"
+    keep = ["trainer.keep_every_n_steps=2"]
+    train_generation(load_config("qm9_egnn", [f"trainer.out_dir={run}", "trainer.max_steps=4", *TINY, *keep]))
+    kept = run / "checkpoints" / "kept"
+    assert sorted(p.name for p in kept.iterdir()) == ["step2.ckpt", "step4.ckpt"]
+    assert {load_ckpt(kept / n)["global_step"] for n in ("step2.ckpt", "step4.ckpt")} == {2, 4}
+    assert [n for n in ckpt_names(run) if n.startswith("step")] == ["step4.ckpt"]
+    task = train_generation(load_config("qm9_egnn", [f"trainer.out_dir={run}", "trainer.max_steps=5", *TINY, *keep]))
+    assert task.trainer.global_step == 5 and logged_losses(run)[-1].keys() == {4}
+
+    out = tmp_path / "avg.safetensors"
+    res = run_cli("export", str(kept / "step2.ckpt"), str(kept / "step4.ckpt"), str(out))
+    assert res.returncode == 0 and "mean of 2 checkpoints" in res.stdout, res.stderr[-2000:]
+    emas = [load_generator(kept / n).diffusion.state_dict() for n in ("step2.ckpt", "step4.ckpt")]
+    got = load_generator(out).diffusion.state_dict()
+    for k, v in got.items():
+        if v.is_floating_point():  # fp16 export of the mean
+            torch.testing.assert_close(v, (emas[0][k] + emas[1][k]) / 2, rtol=1e-3, atol=1e-4)
+    bad = run_cli("export", str(kept / "step2.ckpt"), str(kept / "step4.ckpt"), str(tmp_path / "raw.safetensors"),
+                  "--with-raw")
+    assert_one_line_error(bad, "--with-raw takes one checkpoint")
+    assert not (tmp_path / "raw.safetensors").exists()

@@ -359,14 +359,16 @@ def train(
 
 @generate_app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="Lightning .ckpt from `diffgen train`."),
+    checkpoints: list[Path] = typer.Argument(..., help="Lightning .ckpt from `diffgen train` (or an export); several "
+                                             "are averaged.", show_default=False),
     out: Path = typer.Argument(..., help="Output .safetensors (EMA weights; config YAML written beside it)."),
     overwrite: bool = typer.Option(False, help="Replace OUT and the YAML beside it if they exist."),
     dtype: str = typer.Option("fp16", help="Storage type of the weights: fp16, bf16 or fp32."),
     with_raw: bool = typer.Option(False, help="Also store the trained (non-EMA) weights, so a later run can go on "
                                   "training from this file (optim.init_from=OUT) when the .ckpt is gone."),
 ):
-    """Export the EMA weights of a training checkpoint to a small safetensors file."""
+    """Export the EMA weights of a training checkpoint to a small safetensors file. Given several checkpoints of one
+    run (e.g. `trainer.keep_every_n_steps`), writes the uniform mean of their EMA weights (checkpoint averaging)."""
     import torch
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -374,10 +376,13 @@ def export(
         raise DiffgenError(f"unknown --dtype {dtype!r}: choose fp16, bf16 or fp32")
     check_writable(out, overwrite, (".safetensors",))
     check_writable(out.with_suffix(".yaml"), overwrite)
+    if with_raw and len(checkpoints) > 1:
+        raise DiffgenError("--with-raw takes one checkpoint, not an average of several")
     from diffgen.tasks.generation.checkpoints import export as export_checkpoint
 
-    path = export_checkpoint(checkpoint, out, dtype=dtypes[dtype], overwrite=overwrite, with_raw=with_raw)
-    out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    path = export_checkpoint(checkpoints, out, dtype=dtypes[dtype], overwrite=overwrite, with_raw=with_raw)
+    averaged = f", the mean of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""
+    out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB{averaged})")
 
 
 @generate_app.command("pack-qm9")

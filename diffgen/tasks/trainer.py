@@ -4,7 +4,8 @@ Every task (generation, regression, dynamics) trains through :func:`fit`, so all
 
 * CSV + TensorBoard logs and a progress bar;
 * periodic, best and last checkpoints written atomically (temporary file + ``os.replace``), always under the same
-  names (no ``last-v1.ckpt``: Lightning's version counter is off);
+  names (no ``last-v1.ckpt``: Lightning's version counter is off); with ``trainer.keep_every_n_steps`` also
+  ``checkpoints/kept/stepN.ckpt``, none deleted (to average them: ``diffgen export``);
 * automatic resume from the **newest** checkpoint of ``out_dir/checkpoints`` (by global step), read with
   ``torch.load(weights_only=True)`` (a checkpoint is never unpickled) and checked against the model before
   training starts, so a truncated file or one of another model size is a one-line error;
@@ -262,6 +263,15 @@ class SaveLastCheckpoint(Callback):
             self._save(trainer)
 
 
+class KeptCheckpoints(ModelCheckpoint):
+    """Every N-th step's checkpoint, none deleted (``trainer.keep_every_n_steps``). Its own ``state_key``, so it may
+    save at the same interval as the periodic checkpoint (Lightning refuses two callbacks with one key)."""
+
+    @property
+    def state_key(self) -> str:
+        return "Kept" + super().state_key
+
+
 def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: list | None = None) -> pl.Trainer:
     """A ``pl.Trainer`` writing to ``tc.out_dir`` (``checkpoints/``, ``csv/``, ``tb/``)."""
     out = Path(tc.out_dir)
@@ -278,6 +288,10 @@ def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: 
         RichProgressBar(),
         *(extra_callbacks or []),
     ]
+    if tc.keep_every_n_steps:  # a subfolder: resume_path looks at checkpoints/*.ckpt only
+        callbacks.append(KeptCheckpoints(dirpath=ckpt_dir / "kept", filename="step{step}", monitor=None,
+                                         every_n_train_steps=tc.keep_every_n_steps, save_top_k=-1,
+                                         auto_insert_metric_name=False, enable_version_counter=False))
     return pl.Trainer(
         default_root_dir=str(out),
         max_epochs=tc.max_epochs,

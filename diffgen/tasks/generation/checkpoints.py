@@ -12,13 +12,14 @@ loading it for sampling ignores them.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffgen.checkpoint_files import (
-    PRETRAINED_DIR, check_writable, existing_checkpoint, export_tensors, lightning_parts, load_weights,
+    PRETRAINED_DIR, average_states, check_writable, existing_checkpoint, export_tensors, lightning_parts, load_weights,
     metadata_json, read_safetensors, stored_config, write_safetensors, write_text,
 )
 from diffgen.diffusion.samplers import NodeCountDistribution
@@ -122,35 +123,63 @@ def read_training_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     return ema, (raw or None)
 
 
-def export(ckpt_path: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float16,
+def export(ckpt_path: str | Path | Sequence[str | Path], out_path: str | Path, dtype: torch.dtype = torch.float16,
            overwrite: bool = False, with_raw: bool = False) -> Path:
     """Write the EMA weights of a training checkpoint (or re-write an export) as safetensors, and the config as YAML
     beside it (``out_path`` with the suffix ``.yaml``).
 
+    Given several checkpoints (e.g. periodic checkpoints of one run, ``trainer.keep_every_n_steps``), writes the
+    uniform mean of their EMA weights (checkpoint averaging, Izmailov et al. 2018;
+    :func:`~diffgen.checkpoint_files.average_states`), with the config and atom-count histogram of the first.
+
     Args:
-        ckpt_path: Lightning ``.ckpt`` from ``diffgen train`` (or a ``.safetensors`` export).
+        ckpt_path: Lightning ``.ckpt`` from ``diffgen train`` (or a ``.safetensors`` export), or a sequence of them
+            to average.
         out_path: the ``.safetensors`` file to write.
         dtype: storage type of the floating-point weights (fp16 by default; loaded back as fp32).
         overwrite: replace ``out_path`` and the YAML beside it if they exist.
-        with_raw: also store the trained (non-EMA) weights, under ``raw.*`` keys (to continue training from the file).
+        with_raw: also store the trained (non-EMA) weights, under ``raw.*`` keys (to continue training from the file;
+            one checkpoint only).
 
     Returns:
         ``out_path`` as a Path.
 
     Raises:
         DiffgenError: ``out_path`` does not end in ``.safetensors``, it or its YAML exists and ``overwrite`` is False,
-            its folder does not exist; unreadable or foreign checkpoint, or one whose config does not validate.
+            its folder does not exist; unreadable or foreign checkpoint, or one whose config does not validate;
+            checkpoints to average whose model, diffusion or atom-count histogram differ, or that are given with
+            ``with_raw``; an empty sequence.
     """
     import yaml
 
     out_path = check_writable(out_path, overwrite, (".safetensors",))
     yaml_path = check_writable(out_path.with_suffix(".yaml"), overwrite)
-    path = existing_checkpoint(ckpt_path)
+    sources = [ckpt_path] if isinstance(ckpt_path, (str, Path)) else list(ckpt_path)
+    if not sources:
+        raise DiffgenError("export needs at least one checkpoint")
+    if with_raw and len(sources) > 1:
+        raise DiffgenError("--with-raw takes one checkpoint, not an average of several")
+    paths = [existing_checkpoint(p) for p in sources]
+    path = paths[0]
     cfg_dict, hist, state = _read(path)
     cfg = stored_config(config_from_dict, cfg_dict, path)
     _node_distribution(hist, path)
+    if len(paths) > 1:
+        states = [state]
+        for other in paths[1:]:
+            other_cfg_dict, other_hist, other_state = _read(other)
+            other_cfg = stored_config(config_from_dict, other_cfg_dict, other)
+            for section in ("model", "diffusion"):
+                if getattr(other_cfg, section) != getattr(cfg, section):
+                    raise DiffgenError(f"cannot average {other} with {path}: their {section} configs differ")
+            if list(other_hist) != list(hist):
+                raise DiffgenError(f"cannot average {other} with {path}: their atom-count histograms differ")
+            states.append(other_state)
+        state = average_states(states, paths)
     cfg_dict = cfg.to_dict()
     meta = {"format": FORMAT, "config": json.dumps(cfg_dict), "node_histogram": json.dumps(list(hist))}
+    if len(paths) > 1:
+        meta["averaged_from"] = json.dumps([p.name for p in paths])
     tensors = export_tensors(state, dtype)
     if with_raw:
         raw = _read(path, raw=True)[2]

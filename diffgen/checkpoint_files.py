@@ -225,8 +225,9 @@ def average_states(states: list[dict[str, torch.Tensor]], paths: list[Path]) -> 
     """Uniform mean of several state dicts of one network (checkpoint averaging: Polyak & Juditsky 1992; over the
     weights of one run, Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better Generalization").
 
-    Floating-point tensors are averaged in float32 (float64 ones in float64) and come back in the first state's
-    dtype; other tensors (integer buffers) must be equal in all states and are taken from the first.
+    Floating-point tensors are averaged and returned in float32 (float64 ones in float64), whatever their stored
+    dtype, so the order of the states never changes the result; other tensors (integer buffers) must be equal in all
+    states and are taken from the first.
 
     Args:
         states: the state dicts (at least one), all with the same keys and shapes.
@@ -234,11 +235,14 @@ def average_states(states: list[dict[str, torch.Tensor]], paths: list[Path]) -> 
 
     Raises:
         DiffgenError: a state with other keys, another shape or a differing non-floating tensor than the first.
+        ValueError: ``states`` is empty or ``paths`` has another length.
     """
     import torch
 
+    if not states or len(paths) != len(states):
+        raise ValueError(f"average_states needs one path per state ({len(states)} states, {len(paths)} paths)")
     first, first_path = states[0], paths[0]
-    for state, path in zip(states[1:], paths[1:]):
+    for state, path in zip(states[1:], paths[1:], strict=True):
         if state.keys() != first.keys():
             diff = sorted(set(state) ^ set(first))
             raise DiffgenError(f"cannot average {path} with {first_path}: different weights ({', '.join(diff[:3])})")
@@ -254,8 +258,7 @@ def average_states(states: list[dict[str, torch.Tensor]], paths: list[Path]) -> 
             out[k] = v
             continue
         acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-        total = sum(s[k].detach().to(acc) for s in states)
-        out[k] = (total / len(states)).to(v.dtype)
+        out[k] = sum(s[k].detach().to(acc) for s in states) / len(states)
     return out
 
 

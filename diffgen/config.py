@@ -70,8 +70,9 @@ class TrainerConfig:
     limit_train_batches: int | float = bounded(1.0, gt=0)  # Lightning: a float is a fraction, an int a count
     limit_val_batches: int | float = bounded(1.0, ge=0)
     ckpt_every_n_steps: int = bounded(1000, ge=1)
-    # also keep a checkpoint every N steps in checkpoints/kept/ (none deleted; e.g. to average, `diffgen export A B
-    # OUT`); 0: off
+    # also keep a checkpoint every N steps in checkpoints/kept/ (none deleted; a generator's can be averaged by
+    # `diffgen export A B ... OUT`); 0: off. Changing N on a resume makes Lightning warn that the callback's saved
+    # state is not restored (harmless: the kept files stay)
     keep_every_n_steps: int = bounded(0, ge=0)
 
 

@@ -354,7 +354,7 @@ def test_average_states_checks_keys_shapes_and_integer_buffers():
     b = {"w": torch.tensor([2.0, 5.0], dtype=torch.float16), "n": torch.tensor([3]), "s": torch.tensor([2.0],
                                                                                                     dtype=torch.float64)}
     mean = average_states([a, b], paths)
-    assert mean["w"].dtype == torch.float16 and mean["w"].tolist() == [1.5, 3.5]
+    assert mean["w"].dtype == torch.float32 and mean["w"].tolist() == [1.5, 3.5]  # averaged and returned in fp32
     assert mean["s"].dtype == torch.float64 and mean["s"].tolist() == [1.5]
     assert torch.equal(mean["n"], a["n"])
     for broken, fragment in (({**b, "n": torch.tensor([4])}, "n differs"),
@@ -363,3 +363,24 @@ def test_average_states_checks_keys_shapes_and_integer_buffers():
         with pytest.raises(DiffgenError) as exc:
             average_states([a, broken], paths)
         _assert_one_line(exc, "cannot average b.ckpt with a.ckpt", fragment)
+    with pytest.raises(ValueError):
+        average_states([a, b], paths[:1])
+
+
+def test_generator_average_takes_exports_and_ckpts_in_any_order_and_runs_with_other_training_settings(tmp_path):
+    """An fp32 average is the same whichever comes first, an fp16 export or a ``.ckpt`` (nothing is rounded to the
+    first file's dtype); checkpoints that differ only in training settings (here ``optim.lr``) are averaged, with
+    the config of the first."""
+    a = _generation_ckpt(tmp_path / "a.ckpt", 0.0)
+    b = _generation_ckpt(tmp_path / "b.ckpt", 0.25, {"model": {"hidden": 8, "n_layers": 1}, "diffusion": {"T": 20},
+                                                     "optim": {"lr": 3.0e-4}})
+    a16 = generation_ckpt.export(a, tmp_path / "a16.safetensors", dtype=torch.float16)
+    ab = generation_ckpt.export([a16, b], tmp_path / "ab.safetensors", dtype=torch.float32)
+    ba = generation_ckpt.export([b, a16], tmp_path / "ba.safetensors", dtype=torch.float32)
+    (gen_ab, cfg_ab), (gen_ba, cfg_ba) = generation_ckpt.load(ab), generation_ckpt.load(ba)
+    want = {k: (generation_ckpt.load(a16)[0].diffusion.state_dict()[k] + v) / 2
+            for k, v in generation_ckpt.load(b)[0].diffusion.state_dict().items()}
+    for k, v in gen_ab.diffusion.state_dict().items():
+        assert torch.equal(v, gen_ba.diffusion.state_dict()[k]), k
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6)
+    assert cfg_ab.optim.lr != cfg_ba.optim.lr and cfg_ba.optim.lr == 3.0e-4

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffgen.errors import DiffgenError
 from diffgen.tasks.generation.checkpoints import export_generator, load_generator
 from diffgen.tasks.generation.config import load_generation_config as load_config
 from diffgen.tasks.generation.build import sample_molecules
@@ -387,8 +388,20 @@ def test_kept_checkpoints_are_never_deleted_ignored_by_resume_and_averaged_by_ex
     assert sorted(p.name for p in kept.iterdir()) == ["step2.ckpt", "step4.ckpt"]
     assert {load_ckpt(kept / n)["global_step"] for n in ("step2.ckpt", "step4.ckpt")} == {2, 4}
     assert [n for n in ckpt_names(run) if n.startswith("step")] == ["step4.ckpt"]
+    (kept / "step9.ckpt").write_bytes(b"not a checkpoint")  # resume_path would refuse it: kept/ is not looked at
+    before = snapshot(kept)
     task = train_generation(load_config("qm9_egnn", [f"trainer.out_dir={run}", "trainer.max_steps=5", *TINY, *keep]))
     assert task.trainer.global_step == 5 and logged_losses(run)[-1].keys() == {4}
+    assert snapshot(kept) == before  # none deleted or rewritten by the resumed run
+    (kept / "step9.ckpt").unlink()
+    del before["step9.ckpt"]
+
+    # a fresh run (nothing to resume) into a folder whose kept/ holds an earlier run's checkpoints is refused
+    for name in ("last.ckpt", "best.ckpt", "step4.ckpt"):
+        (run / "checkpoints" / name).unlink()
+    with pytest.raises(DiffgenError, match="holds checkpoints of an earlier run"):
+        train_generation(load_config("qm9_egnn", [f"trainer.out_dir={run}", "trainer.max_steps=5", *TINY, *keep]))
+    assert snapshot(kept) == before
 
     out = tmp_path / "avg.safetensors"
     res = run_cli("export", str(kept / "step2.ckpt"), str(kept / "step4.ckpt"), str(out))

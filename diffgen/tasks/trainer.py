@@ -5,7 +5,7 @@ Every task (generation, regression, dynamics) trains through :func:`fit`, so all
 * CSV + TensorBoard logs and a progress bar;
 * periodic, best and last checkpoints written atomically (temporary file + ``os.replace``), always under the same
   names (no ``last-v1.ckpt``: Lightning's version counter is off); with ``trainer.keep_every_n_steps`` also
-  ``checkpoints/kept/stepN.ckpt``, none deleted (to average them: ``diffgen export``);
+  ``checkpoints/kept/stepN.ckpt``, none deleted (a generator's can be averaged: ``diffgen export``);
 * automatic resume from the **newest** checkpoint of ``out_dir/checkpoints`` (by global step), read with
   ``torch.load(weights_only=True)`` (a checkpoint is never unpickled) and checked against the model before
   training starts, so a truncated file or one of another model size is a one-line error;
@@ -264,12 +264,9 @@ class SaveLastCheckpoint(Callback):
 
 
 class KeptCheckpoints(ModelCheckpoint):
-    """Every N-th step's checkpoint, none deleted (``trainer.keep_every_n_steps``). Its own ``state_key``, so it may
-    save at the same interval as the periodic checkpoint (Lightning refuses two callbacks with one key)."""
-
-    @property
-    def state_key(self) -> str:
-        return "Kept" + super().state_key
+    """Every N-th step's checkpoint in ``checkpoints/kept/``, none deleted (``trainer.keep_every_n_steps``). A class
+    of its own: Lightning keys a callback's saved state by class name and settings, so it may save at the same
+    interval as the periodic checkpoint (two ModelCheckpoints with one key are refused)."""
 
 
 def make_trainer(tc: TrainerConfig, monitor: str = "val/loss", extra_callbacks: list | None = None) -> pl.Trainer:
@@ -395,10 +392,15 @@ def fit(task: pl.LightningModule, datamodule: pl.LightningDataModule, tc: Traine
     ``init(task)`` (e.g. load starting weights) and start fresh.
 
     Raises:
-        DiffgenError: unreadable checkpoint or one that does not fit ``task`` (before any training step).
+        DiffgenError: unreadable checkpoint or one that does not fit ``task``; with ``tc.keep_every_n_steps``, kept
+            checkpoints of an earlier run but none to resume from (all before any training step).
         KeyboardInterrupt: Ctrl-C during training, after ``last.ckpt`` was saved at the current step.
     """
     ckpt = resume_path(tc)
+    kept = Path(tc.out_dir) / "checkpoints" / "kept"
+    if ckpt is None and tc.keep_every_n_steps and kept.is_dir() and any(kept.glob("*.ckpt")):
+        raise DiffgenError(f"{kept} holds checkpoints of an earlier run but there is none to resume from: a fresh run "
+                           "would mix its kept checkpoints with them; move that folder away first")
     if ckpt is not None:
         check_resumable(task, ckpt)
     elif init is not None:

@@ -7,11 +7,13 @@ The task's side of the contract of :mod:`diffgen.checkpoint_files`: :func:`load`
 histogram), so sampling needs neither the dataset nor the training run. A YAML copy of the config is written beside it.
 An export made with ``with_raw=True`` also holds the trained (non-EMA) weights under keys ``raw.*``: with it a
 training run can go on where its Lightning checkpoint is gone (``optim.init_from``, :func:`read_training_weights`);
-loading it for sampling ignores them.
+loading it for sampling ignores them. An export of several checkpoints (their averaged EMA weights) also records
+``averaged_from`` (JSON list of the input file names).
 """
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +125,16 @@ def read_training_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     return ema, (raw or None)
 
 
+def _fitted_state(cfg: GenerationConfig, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` as the configured network's own fp32 state dict (older key names renamed by the modules' load hooks,
+    exports of any dtype alike); weights that do not fit ``cfg`` are a one-line DiffgenError."""
+    from diffgen.tasks.generation.build import build_diffusion
+
+    diffusion = build_diffusion(cfg)
+    load_weights(diffusion, state, path)
+    return diffusion.state_dict()
+
+
 def export(ckpt_path: str | Path | Sequence[str | Path], out_path: str | Path, dtype: torch.dtype = torch.float16,
            overwrite: bool = False, with_raw: bool = False) -> Path:
     """Write the EMA weights of a training checkpoint (or re-write an export) as safetensors, and the config as YAML
@@ -147,14 +159,15 @@ def export(ckpt_path: str | Path | Sequence[str | Path], out_path: str | Path, d
     Raises:
         DiffgenError: ``out_path`` does not end in ``.safetensors``, it or its YAML exists and ``overwrite`` is False,
             its folder does not exist; unreadable or foreign checkpoint, or one whose config does not validate;
-            checkpoints to average whose model, diffusion or atom-count histogram differ, or that are given with
-            ``with_raw``; an empty sequence.
+            checkpoints to average whose model, diffusion or atom-count histogram differ, whose weights do not fit
+            that config, or that are given with ``with_raw``; an empty sequence.
     """
     import yaml
 
     out_path = check_writable(out_path, overwrite, (".safetensors",))
     yaml_path = check_writable(out_path.with_suffix(".yaml"), overwrite)
-    sources = [ckpt_path] if isinstance(ckpt_path, (str, Path)) else list(ckpt_path)
+    single = ckpt_path is None or isinstance(ckpt_path, (str, os.PathLike))
+    sources = [ckpt_path] if single else list(ckpt_path)
     if not sources:
         raise DiffgenError("export needs at least one checkpoint")
     if with_raw and len(sources) > 1:
@@ -175,7 +188,7 @@ def export(ckpt_path: str | Path | Sequence[str | Path], out_path: str | Path, d
             if list(other_hist) != list(hist):
                 raise DiffgenError(f"cannot average {other} with {path}: their atom-count histograms differ")
             states.append(other_state)
-        state = average_states(states, paths)
+        state = average_states([_fitted_state(cfg, st, p) for st, p in zip(states, paths)], paths)
     cfg_dict = cfg.to_dict()
     meta = {"format": FORMAT, "config": json.dumps(cfg_dict), "node_histogram": json.dumps(list(hist))}
     if len(paths) > 1:

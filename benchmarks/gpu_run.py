@@ -13,7 +13,7 @@ One chunk through the device tool (the repo is sent as the working tree; ``.gpu/
     # run(command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py --minutes 8 --out $OUT", carry=[".gpu"])
     # next chunks: copy files_at/last.ckpt to .gpu/last.ckpt, and the same command with --resume .gpu/last.ckpt
 
-The recipe is ``configs/qm9_egnn.yaml`` with bf16 autocast, TF32 matmuls, the split resident on the GPU
+The recipe is ``configs/qm9_egnn.yaml`` with the long run's 4 x 128 network and lr 5e-4, bf16 autocast, TF32 matmuls, the split resident on the GPU
 (``data.loader=resident``), batch ``--batch-size`` (default 256) and, with ``--compile``, the compiled backbone.
 Without ``--resume`` it starts from the long run's training state (``--init``, EMA + trained weights) with a
 300-step learning-rate warm-up. ``--out/gpu_run.json`` records steps, wall time, molecules/s and the command.
@@ -74,7 +74,9 @@ def main() -> None:
         "trainer.matmul_precision=high", f"trainer.compile={str(args.compile).lower()}",
         f"trainer.max_steps={args.max_steps}", "trainer.max_time=null", "trainer.max_epochs=-1",
         "trainer.sample_every_n_epochs=0", "trainer.limit_val_batches=4", "trainer.ckpt_every_n_steps=1000",
-        "optim.lr=5.0e-4",  # the long run's rate (it continues that run), not the config's from-scratch default
+        # the long run's network and rate (it continues that run; benchmarks/long_run_settings.sh), not the
+        # config's from-scratch defaults
+        "model.hidden=128", "model.n_layers=4", "optim.lr=5.0e-4",
         *([] if args.resume else [f"optim.init_from={Path(args.init).resolve()}", "optim.warmup_steps=300"]),
         *args.set,
     ]

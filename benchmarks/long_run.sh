@@ -17,6 +17,9 @@
 # from the committed training state (EMA + trained weights, benchmarks/state/qm9_egnn_long.safetensors, written by
 # `diffgen export --with-raw --dtype fp32`) with a 300-step learning-rate warm-up for the fresh optimizer.
 # Before the session ends: export, score and commit (see benchmarks/results/generation.md, "Learning curve").
+# The run keeps every 2,000th step in RUN/checkpoints/kept/ (trainer.keep_every_n_steps); the mean of the last few
+# EMA states, `diffgen export RUN/checkpoints/kept/stepA.ckpt ... RUN/checkpoints/last.ckpt OUT.safetensors`, is
+# scored beside the last EMA alone. Delete kept/ with the run folder before starting a new run there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v diffgen >/dev/null || { echo "error: diffgen is not on PATH (activate its environment)" >&2; exit 2; }

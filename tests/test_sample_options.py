@@ -141,22 +141,22 @@ def test_written_files_hold_the_scored_coordinates(run_a: Path):
 
 
 def test_keep_valid_writes_only_valid_molecules_from_the_same_run(tmp_path: Path):
-    # 3 steps: with the 71,277-step weights molecules 2, 3, 4 and 7 of these 8 are valid, in fp32 and in bf16 (with
-    # 2 steps only 2 of them; other seeds give all 8 or the first three valid, leaving the filter nothing to drop)
-    args = ["--steps", "3", "--seed", "12", "--batch-size", "4", "--n-atoms", "9,12,10"]
+    # 2 steps: with the 142,584-step averaged weights molecules 1 and 7 of these 8 are valid, in fp32 and in bf16
+    # (with 3 steps most seeds give the first three valid, leaving the filter nothing to drop)
+    args = ["--steps", "2", "--seed", "14", "--batch-size", "4", "--n-atoms", "9,12,10"]
     ref, out = tmp_path / "all", tmp_path / "v"
     sample(ref, "--n", "8", *args)
-    sample(out, "--n", "3", *args, "--keep", "valid")
+    sample(out, "--n", "2", *args, "--keep", "valid")
     kept = records(out / "samples.sdf")
-    assert len(kept) == 3 and all(m.GetProp("rdkit_valid") == "1" for m in kept)
+    assert len(kept) == 2 and all(m.GetProp("rdkit_valid") == "1" for m in kept)
     meta = json.loads((out / "metrics.json").read_text())
-    assert meta["kept"] == 3 and meta["attempts"] >= 3 and meta["n_molecules"] == meta["attempts"]
+    assert meta["kept"] == 2 and meta["attempts"] >= 2 and meta["n_molecules"] == meta["attempts"]
     # the kept molecules are the valid ones of the unfiltered run with the same seed, in order
     every = records(ref / "samples.sdf")
     valid_idx = [k for k, m in enumerate(every) if m.GetProp("rdkit_valid") == "1"]
-    assert len(valid_idx) >= 3 and valid_idx[:3] != [0, 1, 2], valid_idx  # the filter has something to drop
-    assert [int(m.GetProp("diffgen_index")) for m in kept] == valid_idx[:3]
-    assert [bond_table(m) for m in kept] == [bond_table(every[k]) for k in valid_idx[:3]]
+    assert len(valid_idx) >= 2 and valid_idx[:2] != [0, 1], valid_idx  # the filter has something to drop
+    assert [int(m.GetProp("diffgen_index")) for m in kept] == valid_idx[:2]
+    assert [bond_table(m) for m in kept] == [bond_table(every[k]) for k in valid_idx[:2]]
 
 
 def test_keep_stable_cap_hit_writes_what_passed_and_fails_clearly(tmp_path: Path):

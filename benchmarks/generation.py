@@ -53,8 +53,10 @@ def speed(args) -> None:
 def quality(args) -> None:
     from diffgen.tasks.generation.checkpoints import load_generator
     from diffgen.eval.reference import training_smiles
-    from diffgen.tasks.generation.build import sample_molecules
+    from diffgen.tasks.generation.build import sample_molecules, sampler_options
 
+    sampler_options(args.sampler, args.eta)  # a bad --eta before loading anything
+    label = _label(args.sampler, args.eta)
     gen = load_generator(args.checkpoint)
     ref = training_smiles()
     print(f"machine: {machine()}; checkpoint: {gen.source}")
@@ -64,14 +66,15 @@ def quality(args) -> None:
     for steps in args.steps:
         t0 = time.perf_counter()
         mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=steps, batch_size=args.batch_size,
-                                seed=args.seed, sampler=args.sampler, precision=args.precision)
+                                seed=args.seed, sampler=args.sampler, precision=args.precision, eta=args.eta)
         dt = time.perf_counter() - t0
-        r = _score(mols, args.n, dt, ref, precision=args.precision, seed=args.seed)
-        print(f"| {args.sampler} | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
+        r = _score(mols, args.n, dt, ref, precision=args.precision, seed=args.seed, sampler=label, nfe=steps)
+        print(f"| {label} | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
               f"{100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | {100 * r['novelty']:.1f} | "
               f"{args.n / dt:.2f} |", flush=True)
         if args.json:
             tag = "" if args.precision == "fp32" else f".{args.precision}"
+            tag += "" if args.eta is None else f".eta{args.eta:g}"
             Path(args.json).with_suffix(f".{args.sampler}{steps}{tag}.json").write_text(json.dumps(r, indent=2))
 
 
@@ -82,8 +85,13 @@ START, END = "<!-- sweep table: start (python benchmarks/generation.py report) -
 PUBLISHED_EDM = {"atom_stability": 0.987, "mol_stability": 0.820, "validity": 0.919, "valid_unique": 0.907}
 
 
+def _label(sampler: str, eta: float | None) -> str:
+    """The sampler's name in tables and cell files: ``dpm2m-sde`` (its default eta) or ``dpm2m-sde eta=2``."""
+    return sampler if eta is None else f"{sampler} eta={eta:g}"
+
+
 def _cell_path(sampler: str, nfe: int) -> Path:
-    return CELLS / f"{sampler}_{nfe}.json"
+    return CELLS / f"{sampler.replace(' eta=', '-eta')}_{nfe}.json"
 
 
 def _device_name(device: str) -> str:
@@ -104,11 +112,12 @@ def _score(mols, n: int, seconds: float, ref: set[str], **info) -> dict:
 
 def sweep(args) -> None:
     from diffgen.tasks.generation.checkpoints import load_generator
-    from diffgen.tasks.generation.build import sample_molecules
+    from diffgen.tasks.generation.build import sample_molecules, sampler_options
     from diffgen.diffusion.samplers import get_sampler
 
     for name in args.samplers:
         get_sampler(name)
+        sampler_options(name, args.eta)
     from diffgen.eval.reference import training_smiles
 
     gen = load_generator(args.checkpoint, device=args.device)
@@ -116,21 +125,23 @@ def sweep(args) -> None:
     CELLS.mkdir(parents=True, exist_ok=True)
     for name in args.samplers:
         for nfe in args.nfe:
-            out = _cell_path(name, nfe)
+            label = _label(name, args.eta)
+            out = _cell_path(label, nfe)
             if out.exists() and not args.force:
                 print(f"skip {out} (exists; --force to redo)", flush=True)
                 continue
             t0 = time.perf_counter()
             mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=nfe, batch_size=args.batch_size,
-                                    seed=args.seed, sampler=name, precision="fp32")
+                                    seed=args.seed, sampler=name, precision="fp32", eta=args.eta)
             dt = time.perf_counter() - t0
             ckpt = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
-            cmd = (f"python benchmarks/generation.py sweep{ckpt} --samplers {name} --nfe {nfe} --n {args.n} "
+            eta = "" if args.eta is None else f" --eta {args.eta:g}"
+            cmd = (f"python benchmarks/generation.py sweep{ckpt} --samplers {name}{eta} --nfe {nfe} --n {args.n} "
                    f"--batch-size {args.batch_size} --seed {args.seed}")
-            r = _score(mols, args.n, dt, ref, sampler=name, nfe=nfe, device=_device_name(args.device),
+            r = _score(mols, args.n, dt, ref, sampler=label, nfe=nfe, device=_device_name(args.device),
                        checkpoint=str(gen.source), command=cmd)
             out.write_text(json.dumps(r, indent=2))
-            print(f"{name} {nfe}: atom {100 * r['atom_stability']:.1f} mol {100 * r['mol_stability']:.1f} "
+            print(f"{label} {nfe}: atom {100 * r['atom_stability']:.1f} mol {100 * r['mol_stability']:.1f} "
                   f"valid {100 * r['validity']:.1f} ({dt:.0f} s)", flush=True)
 
 
@@ -236,6 +247,7 @@ def main() -> None:
     q.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="sampling precision (default fp32, as every earlier row of the results files)")
     q.add_argument("--checkpoint", default=None)
+    q.add_argument("--eta", type=float, default=None, help="noise scale of dpm2m-sde (default: the sampler's)")
     q.add_argument("--json", default=None)
     t = sub.add_parser("train-throughput")
     t.add_argument("--config", default="qm9_egnn")
@@ -251,6 +263,7 @@ def main() -> None:
     w.add_argument("--batch-size", type=int, default=100)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--checkpoint", default=None)
+    w.add_argument("--eta", type=float, default=None, help="noise scale of dpm2m-sde (cells named dpm2m-sde-etaX)")
     w.add_argument("--device", default="cpu")
     w.add_argument("--force", action="store_true")
     f = sub.add_parser("score-sdf")

@@ -2,7 +2,8 @@
 
 Trains a generator config **from scratch** for ``--molecules`` training molecules (default 200,000 = 2 epochs of
 QM9's 100,000), then samples ``--n-score`` molecules from the EMA weights with the default sampler
-(dpm2m-sde, 50 steps) and scores them with the EDM metrics. Each run writes one JSON row to
+(dpm2m-sde, 50 steps) at noise scale ``--eta`` 1 (the published solver, fixed so that all rows compare; ``diffgen
+sample`` now defaults to eta 3) and scores them with the EDM metrics. Each run writes one JSON row to
 ``benchmarks/results/speedrun/<name>-seed<S>.json`` holding the command, commit, threads, machine load (1-minute
 load average before, every 30 s during training, and after), seed, wall-clock, training molecules/s and the
 metrics; ``report`` turns the rows into the table of ``benchmarks/results/speedrun.md`` and a PNG (atom stability
@@ -55,6 +56,9 @@ def _check(args) -> None:
         raise DiffgenError(f"--molecules must be positive, got {args.molecules}")
     if args.n_score <= 0 or args.sampler_steps <= 0:
         raise DiffgenError("--n-score and --sampler-steps must be positive")
+    from diffgen.diffusion import check_eta
+
+    check_eta(args.eta)
     if not args.name or any(c in args.name for c in "/\\ "):
         raise DiffgenError(f"--name must be a plain word, got {args.name!r}")
 
@@ -104,7 +108,7 @@ def run(args) -> dict:
         t1 = time.perf_counter()
         mols = sample_molecules(ema, NodeCountDistribution(task.hparams["node_histogram"]), args.n_score,
                                 steps=args.sampler_steps, batch_size=100, seed=0, sampler=DEFAULT_SAMPLER,
-                                precision="fp32")  # every row so far was scored in fp32
+                                precision="fp32", eta=args.eta)  # every row so far was scored in fp32 at eta 1
         sample_s = time.perf_counter() - t1
     metrics = GenerationMetrics()
     metrics.update(mols)
@@ -121,7 +125,7 @@ def run(args) -> dict:
         "train_s": round(train_s, 1),
         "train_cpu_s": round(train_cpu_s, 1),  # CPU time of this process (all its threads): less load-dependent
         "train_molecules_per_s": round(seen / train_s, 1),
-        "sampler": f"{DEFAULT_SAMPLER} {args.sampler_steps}", "n_scored": args.n_score,
+        "sampler": f"{DEFAULT_SAMPLER} {args.sampler_steps}", "eta": args.eta, "n_scored": args.n_score,
         "sample_s": round(sample_s, 1), **scores,
         "atom_stability_per_cpu_hour": scores["atom_stability"] / hours if hours else None,
     }
@@ -182,6 +186,9 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--n-score", type=int, default=500, help="molecules sampled for scoring (1,000 to adopt)")
     r.add_argument("--sampler-steps", type=int, default=50)
+    r.add_argument("--eta", type=float, default=1.0,
+                   help="noise scale of the scoring sampler: 1 (SDE-DPM-Solver++(2M) as published), as every row so "
+                        "far, so that rows stay comparable; diffgen sample's default is 3")
     r.add_argument("--val-fraction", type=float, default=0.02, help="trainer.limit_val_batches")
     r.add_argument("--out-dir", default=None, help="where the row goes (default benchmarks/results/speedrun)")
     sub.add_parser("report")

@@ -113,7 +113,7 @@ class PretrainedGenerator:
     def sample(self, n: int, n_atoms: int | Sequence[int] | None = None, seed: int = 0,
                sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, batch_size: int = 100,
                keep: str = "all", max_attempts: int | None = None, return_arrays: bool = False,
-               precision: str = DEFAULT_PRECISION):
+               precision: str = DEFAULT_PRECISION, eta: float | None = None):
         """Generate ``n`` molecules (the same ones as ``diffgen sample`` with the same settings).
 
         Args:
@@ -130,13 +130,15 @@ class PretrainedGenerator:
             precision: ``"auto"`` (default: bf16 autocast where the device computes bf16 natively, else fp32),
                 ``"fp32"`` or ``"bf16"``; bf16 is 1.1-1.8x faster on CPUs with AVX512-BF16 and moves atoms by
                 hundredths of an Å (``benchmarks/results/generation.md``, "Sampling precision").
+            eta: noise scale of ``"dpm2m-sde"`` (None: its default in :data:`diffgen.diffusion.DEFAULT_ETAS`, 3;
+                1 is SDE-DPM-Solver++(2M) as published, 0 its ODE); an error with the other samplers.
 
         Returns:
             list of RDKit ``Mol`` (3D conformer in Å, EDM bonds, properties as the SDF tags plus
             ``diffgen_index``), or ``(mols, arrays)`` with ``return_arrays``.
 
         Raises:
-            DiffgenError: bad ``n_atoms``, ``keep``, ``sampler``, ``precision``; ``n``, ``steps`` or
+            DiffgenError: bad ``n_atoms``, ``keep``, ``sampler``, ``precision`` or ``eta``; ``n``, ``steps`` or
                 ``batch_size`` < 1.
         """
         from diffgen.tasks.generation.build import generate_molecules
@@ -147,7 +149,7 @@ class PretrainedGenerator:
         g = self.generator
         run = generate_molecules(g.diffusion, g.node_dist, int(n), keep=keep, max_attempts=max_attempts,
                                  steps=int(steps), batch_size=int(batch_size), seed=seed, sampler=sampler,
-                                 n_atoms=n_atoms, precision=precision)
+                                 n_atoms=n_atoms, precision=precision, eta=eta)
         if len(run.molecules) < n:
             warnings.warn(f"keep={keep!r}: only {len(run.molecules)} of {n} molecules passed in {run.attempts} "
                           "attempts (raise max_attempts for more)", stacklevel=2)

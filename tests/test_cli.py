@@ -80,6 +80,9 @@ def test_evaluate_generated_file(sampled: Path):
     (["--n-atoms", "x"], "--n-atoms 'x'"),
     (["--n", "2", "--trajectory", "3"], "--trajectory must be between 0 and --n (2)"),
     (["--checkpoint", "nope.safetensors"], "checkpoint not found"),
+    (["--eta", "-1"], "eta must be a finite number >= 0, got -1.0"),
+    (["--eta", "nan"], "eta must be a finite number >= 0, got nan"),
+    (["--sampler", "ancestral", "--eta", "2"], "--eta applies to the dpm2m-sde sampler only, not --sampler ancestral"),
 ])
 def test_sample_rejects_bad_input_before_importing_torch(tmp_path: Path, args: list[str], fragment: str):
     """Typos cost a fraction of a second: these checks run before torch is imported (a stand-in torch package that

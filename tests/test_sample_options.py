@@ -94,7 +94,10 @@ def test_metrics_json_records_the_settings(run_a: Path):
     import diffgen
 
     meta = json.loads((run_a / "metrics.json").read_text())
-    assert meta["batch_size"] == 4 and meta["sampler"] == "dpm2m-sde" and meta["steps"] == 2
+    from diffgen.diffusion import DEFAULT_ETAS, DEFAULT_SAMPLER
+
+    assert meta["batch_size"] == 4 and meta["sampler"] == DEFAULT_SAMPLER and meta["steps"] == 2
+    assert meta["eta"] == DEFAULT_ETAS[DEFAULT_SAMPLER]
     assert meta["seed"] == 11 and meta["atom_counts"] == "9,12,10" and meta["device"] == "cpu"
     assert meta["diffgen_version"] == diffgen.__version__ and meta["torch_version"] == torch.__version__
     assert meta["checkpoint_sha256"] == hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest()

@@ -25,12 +25,14 @@ def test_smoke_speedrun_trains_scores_and_writes_its_row(tmp_path):
     assert 0.0 <= row["atom_stability"] <= 1.0 and row["train_molecules_per_s"] > 0
     assert row["overrides"] == ["model.hidden=16", "model.n_layers=1", "data.batch_size=8"]
     assert row["threads"] >= 1 and "load_before" in row and "load_mean" in row and row["commit"]
+    assert row["eta"] == 1.0  # the yardstick's scoring sampler stays the published solver
 
 
 def test_bad_input_is_a_one_line_error_before_training(tmp_path):
     for args, fragment in ((["--molecules", "0"], "--molecules must be positive"),
                            (["--set", "model.hidden=0"], "model.hidden must be >= 1"),
-                           (["--config", "no_such_config"], "config file not found")):
+                           (["--config", "no_such_config"], "config file not found"),
+                           (["--eta", "-2"], "eta must be a finite number >= 0")):
         res = _run("run", "--name", "bad", "--out-dir", str(tmp_path), *args, cwd=tmp_path)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 2 and len(lines) == 1 and fragment in lines[0], res.stderr

@@ -19,7 +19,7 @@ from diffgen.cli.common import (
     check_device, check_positive, check_writable, console, out_console, progress, write_json,
 )
 from diffgen.devices import DEFAULT_PRECISION, PRECISIONS, resolve_precision
-from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
+from diffgen.diffusion import DEFAULT_ETAS, DEFAULT_SAMPLER, DEFAULT_STEPS, check_eta
 from diffgen.errors import DiffgenError
 
 generate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -170,7 +170,11 @@ def sample(
     checkpoint: Optional[Path] = typer.Option(None, help="Generator weights (.safetensors or Lightning .ckpt); default: shipped."),
     steps: int = typer.Option(DEFAULT_STEPS, help="Denoising steps (network evaluations per molecule)."),
     sampler: str = typer.Option(DEFAULT_SAMPLER, help="ancestral (EDM, stochastic), dpm2m-sde (SDE-DPM-Solver++(2M), "
-                                "stochastic) or dpm2m (DPM-Solver++(2M), deterministic ODE)."),
+                                "stochastic, noise scale --eta) or dpm2m (DPM-Solver++(2M), deterministic ODE)."),
+    eta: Optional[float] = typer.Option(None, help="Noise scale of the SDE solver (default "
+                                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_ETAS.items())
+                                        + "; 1 = SDE-DPM-Solver++(2M) as published, 0 = its ODE, more = more fresh "
+                                        "noise and pull toward the network's x0 per step)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same molecules, whatever --batch-size."),
     batch_size: int = typer.Option(100, help="Molecules per network call."),
     n_atoms: Optional[str] = typer.Option(None, "--n-atoms", help="Atom counts instead of the training "
@@ -205,6 +209,11 @@ def sample(
     if not 0 <= trajectory <= n:
         raise DiffgenError(f"--trajectory must be between 0 and --n ({n}), got {trajectory}")
     counts = parse_atom_counts(n_atoms) if n_atoms is not None else None
+    if eta is not None:
+        check_eta(eta)
+        if sampler not in DEFAULT_ETAS:
+            raise DiffgenError(f"--eta applies to the {' and '.join(DEFAULT_ETAS)} sampler only, not --sampler "
+                               f"{sampler}")
     if checkpoint is not None:  # a missing shipped default is reported by load() below
         existing_checkpoint(checkpoint)
 
@@ -257,7 +266,7 @@ def sample(
         run = generate_molecules(gen.diffusion, gen.node_dist, n, keep=keep, max_attempts=cap, n_chains=trajectory,
                                  reference_smiles=ref, steps=steps, batch_size=batch_size, seed=seed,
                                  sampler=sampler, n_atoms=counts, progress=lambda k: bar.advance(task, k),
-                                 precision=precision, on_chunk=on_chunk)
+                                 precision=precision, on_chunk=on_chunk, eta=eta)
     seconds = time.perf_counter() - start
     molecules = run.molecules
     props = [{**sd_tags(r), "diffgen_index": i} for r, i in zip(run.reports, run.indices)]
@@ -268,7 +277,9 @@ def sample(
         write_xyz(path, frames, comments=[f"mol_{k} (diffgen sample {index} seed={seed}) step {s}/{steps}"
                                           for s in range(len(frames))])
     result = dict(run.metrics)
-    result.update(seconds=round(seconds, 2), sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+    eta_used = (DEFAULT_ETAS[sampler] if eta is None else float(eta)) if sampler in DEFAULT_ETAS else None
+    result.update(seconds=round(seconds, 2), sampler=sampler, eta=eta_used, steps=steps, seed=seed,
+                  batch_size=batch_size,
                   atom_counts=n_atoms, keep=keep, kept=len(molecules), attempts=run.attempts,
                   max_attempts=cap if keep != "all" else None, device=device, precision=precision,
                   checkpoint=str(gen.source),
@@ -276,7 +287,8 @@ def sample(
                   torch_version=torch.__version__)
     write_json(json_path, result)
     what = f"{run.attempts} molecules" if keep == "all" else f"{run.attempts} molecules sampled ({len(molecules)} kept)"
-    _print_metrics(result, f"{what}, {sampler} sampler, {steps} steps, sampled in {seconds:.1f} s on {device} "
+    eta_text = "" if eta_used is None else f" (eta {eta_used:g})"
+    _print_metrics(result, f"{what}, {sampler} sampler{eta_text}, {steps} steps, sampled in {seconds:.1f} s on {device} "
                            f"({precision})")
     written = ", ".join(str(p) for p in (sdf_path, xyz_path, *traj_paths[:len(run.chains)]))
     out_console.print(f"wrote {written}", soft_wrap=True, highlight=False)

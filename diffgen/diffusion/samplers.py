@@ -11,7 +11,14 @@ solver of the probability-flow ODE in data (``x0``) prediction, on a grid unifor
 ``log_snr = -gamma``. Same decoding and re-centring as the ancestral sampler.
 
 ``dpm2m-sde`` (stochastic): SDE-DPM-Solver++(2M) (Lu et al. 2022, App. B), the same multistep ``x0``
-extrapolation for the reverse SDE on the same reduced log-SNR grid, with fresh zero-CoM noise every step.
+extrapolation for the reverse SDE on the same reduced log-SNR grid, with fresh zero-CoM noise every step. Its noise
+scale ``eta`` (as k-diffusion's ``sample_dpmpp_2m_sde``) picks one member of a family of reverse processes with the
+diffusion's marginals: ``eta = 0`` is the probability-flow ODE (``dpm2m``), ``eta = 1`` the reverse SDE as
+published, ``eta > 1`` pulls each step harder toward the network's ``x0`` estimate and injects more fresh noise,
+which corrects more of the errors that an imperfect network makes along the way (Karras et al. 2022, Sec. 4, on
+stochastic sampling; Xu et al. 2023, "Restart Sampling"). The default, :data:`diffgen.diffusion.DEFAULT_ETAS`, is
+chosen by measurement (``benchmarks/results/generation.md``, "Noise scale eta"); with an exact score it still
+returns the data distribution at 50 steps (``tests/test_samplers.py``), so it sharpens nothing.
 
 A self-conditioned model (:attr:`VPDiffusion.self_condition`) gets, at every step after the first, the ``x0``
 estimate of the step before (Chen et al. 2022, Analog Bits, Alg. 2); the first step sees zeros.
@@ -30,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgen.data.graphs import build_edges
+from diffgen.diffusion import DEFAULT_ETAS, check_eta
 from diffgen.diffusion.schedules import alpha, sigma
 from diffgen.diffusion.vp import N_FEATURES, VPDiffusion, decode_types, remove_mean
 
@@ -188,20 +196,25 @@ def _initial_state(diffusion: VPDiffusion, n_atoms, steps: int, generator):
 
 
 @torch.no_grad()
-def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progress, stochastic: bool,
+def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progress, eta: float,
                    record: Recorder | None = None) -> SampleBatch:
-    """DPM-Solver++(2M) in data prediction on a log-SNR-uniform grid; ``stochastic`` selects the SDE variant.
+    """DPM-Solver++(2M) in data prediction on a log-SNR-uniform grid, with noise scale ``eta >= 0``.
 
     With ``lambda = log(alpha / sigma)``, step ``h = lambda_s - lambda_t > 0`` and ``D`` the (second-order,
     multistep) ``x0`` estimate, the update from ``t`` to ``s`` is (Lu et al. 2022, DPM-Solver++, Alg. 2 and
-    App. B "SDE-DPM-Solver++(2M)")::
+    App. B "SDE-DPM-Solver++(2M)"; the ``eta`` family as k-diffusion's ``sample_dpmpp_2m_sde``)::
 
-        ODE:  z_s = (sigma_s / sigma_t) z_t + alpha_s (1 - e^-h) D
-        SDE:  z_s = (sigma_s / sigma_t) e^-h z_t + alpha_s (1 - e^-2h) D + sigma_s sqrt(1 - e^-2h) noise
+        z_s = (sigma_s / sigma_t) e^(-eta h) z_t + alpha_s (1 - e^(-(1 + eta) h)) D
+              + sigma_s sqrt(1 - e^(-2 eta h)) noise
 
-    with ``D = x0_t + (x0_t - x0_prev) / (2 r)``, ``r = h_prev / h`` (first order at the first step). The
-    position noise is zero-CoM and positions are re-centred after every step.
+    with ``D = x0_t + (x0_t - x0_prev) / (2 r)``, ``r = h_prev / h`` (first order at the first step).
+    ``eta = 0`` is the ODE solver (no noise is drawn), ``eta = 1`` the published SDE solver. For any ``eta``, an
+    exact ``x0`` keeps the marginal ``q(z_s | x0) = N(alpha_s x0, sigma_s^2)`` (mean
+    ``alpha_t (sigma_s / sigma_t) e^(-eta h) + alpha_s (1 - e^(-(1 + eta) h)) = alpha_s`` as
+    ``alpha_t / sigma_t = (alpha_s / sigma_s) e^-h``; variance ``sigma_s^2 e^(-2 eta h) + sigma_s^2 (1 - e^(-2 eta h))``).
+    The position noise is zero-CoM and positions are re-centred after every step.
     """
+    eta = check_eta(eta)
     n_atoms, batch, pos, h, edge_index = _initial_state(diffusion, n_atoms, steps, generator)
     _record(record, 0, pos, h)
     device = pos.device
@@ -226,11 +239,11 @@ def _dpm_solver_2m(diffusion: VPDiffusion, n_atoms, steps: int, generator, progr
             c = 0.5 * step / prev[2]  # 1 / (2 r)
             d_pos, d_h = (1 + c) * x0_pos - c * prev[0], (1 + c) * x0_h - c * prev[1]
         a_s, s_s = alpha(g_s), sigma(g_s)
-        if stochastic:
-            decay = torch.tensor(-2.0 * step, device=device, dtype=torch.float64)
-            keep = float((s_s / s_t).double() * torch.exp(decay / 2))
-            coef = float(a_s.double() * -torch.expm1(decay))
-            noise_std = float(s_s.double() * torch.sqrt(-torch.expm1(decay)))
+        if eta > 0:
+            h_step = torch.tensor(step, dtype=torch.float64)
+            keep = float((s_s / s_t).double().cpu() * torch.exp(-eta * h_step))
+            coef = float(a_s.double().cpu() * -torch.expm1(-(1.0 + eta) * h_step))
+            noise_std = float(s_s.double().cpu() * torch.sqrt(-torch.expm1(-2.0 * eta * h_step)))
             noise_pos = _com_free(n_atoms, batch.cpu(), generator).to(device)
             noise_h = molecule_noise(n_atoms, N_FEATURES, generator).to(device)
             pos = remove_mean(keep * pos + coef * d_pos + noise_std * noise_pos, batch)
@@ -262,22 +275,25 @@ def dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int 
     Raises:
         ValueError: ``steps < 1`` or an atom count < 1.
     """
-    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=False, record=record)
+    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, eta=0.0, record=record)
 
 
 @torch.no_grad()
 def sde_dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: int = 50,
                           generator: Generators = None, progress: Callable[[int], None] | None = None,
-                          record: Recorder | None = None) -> SampleBatch:
+                          record: Recorder | None = None,
+                          eta: float = DEFAULT_ETAS["dpm2m-sde"]) -> SampleBatch:
     """Generate molecules with SDE-DPM-Solver++(2M) (stochastic, reduced log-SNR grid; Lu et al. 2022, App. B).
 
-    ``steps`` network evaluations; fresh zero-CoM noise at every step. Arguments and return as
+    ``steps`` network evaluations; fresh zero-CoM noise at every step. ``eta``: the noise scale (module
+    docstring; 1 = the published solver, 0 = the ODE solver ``dpm2m``). Other arguments and return as
     :func:`ancestral_sample`.
 
     Raises:
         ValueError: ``steps < 1`` or an atom count < 1.
+        DiffgenError: ``eta`` not a finite number >= 0.
     """
-    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, stochastic=True, record=record)
+    return _dpm_solver_2m(diffusion, n_atoms, steps, generator, progress, eta=eta, record=record)
 
 
 SAMPLERS: dict[str, Callable[..., SampleBatch]] = {"ancestral": ancestral_sample, "dpm2m": dpm_solver_sample,

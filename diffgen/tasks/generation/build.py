@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from diffgen.devices import DEFAULT_PRECISION, autocast, resolve_precision
-from diffgen.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
+from diffgen.diffusion import DEFAULT_ETAS, DEFAULT_SAMPLER, DEFAULT_STEPS, check_eta
 from diffgen.diffusion.samplers import NodeCountDistribution, get_sampler
 from diffgen.diffusion.schedules import NoiseSchedule
 from diffgen.diffusion.vp import N_FEATURES, Denoiser, VPDiffusion
@@ -94,10 +94,25 @@ def check_atom_counts(n_atoms, node_dist: NodeCountDistribution, name: str = "n_
     return [int(k) for k in counts]
 
 
+def sampler_options(sampler: str, eta: float | None) -> dict:
+    """The extra keyword arguments of ``sampler``: ``{"eta": eta}`` for a sampler with a noise scale (None there:
+    its default in :data:`diffgen.diffusion.DEFAULT_ETAS`), ``{}`` otherwise.
+
+    Raises:
+        DiffgenError: ``eta`` not a finite number >= 0, or given (not None) to a sampler without one.
+    """
+    if sampler not in DEFAULT_ETAS:
+        if eta is not None:
+            raise DiffgenError(f"eta applies to the {' and '.join(DEFAULT_ETAS)} sampler only, not {sampler!r}")
+        return {}
+    return {"eta": DEFAULT_ETAS[sampler] if eta is None else check_eta(eta)}
+
+
 def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n: int, steps: int = DEFAULT_STEPS,
                      batch_size: int = 100, seed: int = 0, progress=None, sampler: str = DEFAULT_SAMPLER,
                      n_atoms=None, start: int = 0, chains: dict[int, list] | None = None,
-                     precision: str = DEFAULT_PRECISION) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     precision: str = DEFAULT_PRECISION,
+                     eta: float | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Draw molecules ``start, ..., start + n - 1`` of the run ``seed``: atom counts from ``node_dist`` (or
     ``n_atoms``), then ``sampler`` (see :data:`diffgen.diffusion.samplers.SAMPLERS`) in batches of ``batch_size``.
 
@@ -113,17 +128,21 @@ def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n
         precision: one of :data:`diffgen.devices.PRECISIONS`: ``fp32``, ``bf16`` (the network's matrix products under
             ``torch.autocast`` in bf16; the sampler's updates, noise and outputs stay float32) or ``auto`` (bf16
             where the diffusion's device computes it natively, :func:`diffgen.devices.resolve_precision`).
+        eta: noise scale of ``dpm2m-sde`` (:mod:`diffgen.diffusion.samplers`); None: the sampler's default in
+            :data:`diffgen.diffusion.DEFAULT_ETAS`. Only for the samplers listed there.
 
     Returns:
         list of ``(z [n_i], pos [n_i, 3] Å)``, float32 positions.
 
     Raises:
         ValueError: ``n < 1``, ``steps < 1`` or ``batch_size < 1``.
-        DiffgenError: unknown sampler or precision, bad ``n_atoms``.
+        DiffgenError: unknown sampler or precision, bad ``n_atoms``, ``eta`` not a number >= 0 or given to a
+            sampler without one.
     """
     if n < 1 or batch_size < 1:
         raise ValueError("n and batch_size must be >= 1")
     sample_fn = get_sampler(sampler)
+    sampler_kwargs = sampler_options(sampler, eta)
     device = str(next(diffusion.parameters()).device)
     precision = resolve_precision(precision, device, option="precision")
     counts = check_atom_counts(n_atoms, node_dist)
@@ -137,7 +156,8 @@ def sample_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution, n
             sizes = torch.tensor([counts[i % len(counts)] for i in range(lo, hi)])
         record = _chain_recorder(chains, lo, sizes)
         with autocast(precision, device):
-            out = sample_fn(diffusion, sizes, steps=steps, generator=gens, progress=progress, record=record)
+            out = sample_fn(diffusion, sizes, steps=steps, generator=gens, progress=progress, record=record,
+                            **sampler_kwargs)
         molecules.extend(out.molecules())
     return molecules
 
@@ -197,7 +217,8 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
                        steps: int = DEFAULT_STEPS, batch_size: int = 100, seed: int = 0,
                        sampler: str = DEFAULT_SAMPLER, n_atoms=None, progress=None,
                        precision: str = DEFAULT_PRECISION,
-                       on_chunk: Callable[[int, int, int], None] | None = None) -> GenerationRun:
+                       on_chunk: Callable[[int, int, int], None] | None = None,
+                       eta: float | None = None) -> GenerationRun:
     """Sample until ``n`` molecules pass ``keep`` (or ``max_attempts`` molecules were sampled), and score them.
 
     Molecules are sampled in index order (:func:`sample_molecules`) and the first ``n`` that pass are kept, so the
@@ -218,7 +239,7 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
         :class:`GenerationRun`; ``len(run.molecules) < n`` when the cap was hit.
 
     Raises:
-        DiffgenError: unknown ``keep``, sampler or precision, bad ``n_atoms``, ``max_attempts < n``,
+        DiffgenError: unknown ``keep``, sampler or precision, bad ``n_atoms`` or ``eta``, ``max_attempts < n``,
             ``n_chains > n``.
         ValueError: as :func:`sample_molecules`.
     """
@@ -234,6 +255,7 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
     if not 0 <= n_chains <= n:
         raise DiffgenError(f"{n_chains} denoising chains asked for, but only {n} molecules")
     get_sampler(sampler)
+    sampler_options(sampler, eta)
     resolve_precision(precision, option="precision")
     check_atom_counts(n_atoms, node_dist)
     metrics = GenerationMetrics(reference_smiles=reference_smiles)
@@ -259,7 +281,7 @@ def generate_molecules(diffusion: VPDiffusion, node_dist: NodeCountDistribution,
             chains = {i: [] for i in range(start, min(stop, start + count))}
         mols = sample_molecules(diffusion, node_dist, count, steps=steps, batch_size=batch_size, seed=seed,
                                 progress=progress, sampler=sampler, n_atoms=n_atoms, start=start, chains=chains,
-                                precision=precision)
+                                precision=precision, eta=eta)
         mols = [(z, _round_positions(pos)) for z, pos in mols]
         for i, frames in (chains or {}).items():  # the chain ends at the molecule as scored and written
             frames[-1] = mols[i - start]

@@ -68,13 +68,14 @@ def quality(args) -> None:
         mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=steps, batch_size=args.batch_size,
                                 seed=args.seed, sampler=args.sampler, precision=args.precision, eta=args.eta)
         dt = time.perf_counter() - t0
-        r = _score(mols, args.n, dt, ref, precision=args.precision, seed=args.seed, sampler=label, nfe=steps)
+        r = _score(mols, args.n, dt, ref, precision=args.precision, seed=args.seed, sampler=label, nfe=steps,
+                   eta=sampler_options(args.sampler, args.eta).get("eta"))
         print(f"| {label} | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
               f"{100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | {100 * r['novelty']:.1f} | "
               f"{args.n / dt:.2f} |", flush=True)
         if args.json:
             tag = "" if args.precision == "fp32" else f".{args.precision}"
-            tag += "" if args.eta is None else f".eta{args.eta:g}"
+            tag += "".join(f".eta{v:g}" for v in sampler_options(args.sampler, args.eta).values())
             Path(args.json).with_suffix(f".{args.sampler}{steps}{tag}.json").write_text(json.dumps(r, indent=2))
 
 
@@ -86,8 +87,12 @@ PUBLISHED_EDM = {"atom_stability": 0.987, "mol_stability": 0.820, "validity": 0.
 
 
 def _label(sampler: str, eta: float | None) -> str:
-    """The sampler's name in tables and cell files: ``dpm2m-sde`` (its default eta) or ``dpm2m-sde eta=2``."""
-    return sampler if eta is None else f"{sampler} eta={eta:g}"
+    """The sampler's name in tables and cell files, with the noise scale it ran at: ``ancestral``,
+    ``dpm2m-sde eta=3`` (``eta`` None: the sampler's default, resolved)."""
+    from diffgen.tasks.generation.build import sampler_options
+
+    resolved = sampler_options(sampler, eta).get("eta")
+    return sampler if resolved is None else f"{sampler} eta={resolved:g}"
 
 
 def _cell_path(sampler: str, nfe: int) -> Path:
@@ -113,11 +118,15 @@ def _score(mols, n: int, seconds: float, ref: set[str], **info) -> dict:
 def sweep(args) -> None:
     from diffgen.tasks.generation.checkpoints import load_generator
     from diffgen.tasks.generation.build import sample_molecules, sampler_options
+    from diffgen.diffusion import DEFAULT_ETAS
     from diffgen.diffusion.samplers import get_sampler
+
+    def eta_of(name: str):  # --eta applies to the samplers that have a noise scale
+        return args.eta if name in DEFAULT_ETAS else None
 
     for name in args.samplers:
         get_sampler(name)
-        sampler_options(name, args.eta)
+        sampler_options(name, eta_of(name))
     from diffgen.eval.reference import training_smiles
 
     gen = load_generator(args.checkpoint, device=args.device)
@@ -125,17 +134,17 @@ def sweep(args) -> None:
     CELLS.mkdir(parents=True, exist_ok=True)
     for name in args.samplers:
         for nfe in args.nfe:
-            label = _label(name, args.eta)
+            label = _label(name, eta_of(name))
             out = _cell_path(label, nfe)
             if out.exists() and not args.force:
                 print(f"skip {out} (exists; --force to redo)", flush=True)
                 continue
             t0 = time.perf_counter()
             mols = sample_molecules(gen.diffusion, gen.node_dist, args.n, steps=nfe, batch_size=args.batch_size,
-                                    seed=args.seed, sampler=name, precision="fp32", eta=args.eta)
+                                    seed=args.seed, sampler=name, precision="fp32", eta=eta_of(name))
             dt = time.perf_counter() - t0
             ckpt = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
-            eta = "" if args.eta is None else f" --eta {args.eta:g}"
+            eta = "" if eta_of(name) is None else f" --eta {args.eta:g}"
             cmd = (f"python benchmarks/generation.py sweep{ckpt} --samplers {name}{eta} --nfe {nfe} --n {args.n} "
                    f"--batch-size {args.batch_size} --seed {args.seed}")
             r = _score(mols, args.n, dt, ref, sampler=label, nfe=nfe, device=_device_name(args.device),
@@ -161,7 +170,7 @@ def score_sdf(args) -> None:
 def report(args) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
     order = {s: i for i, s in enumerate(["ancestral", "dpm2m-sde", "dpm2m"])}
-    rows.sort(key=lambda r: (order.get(r["sampler"], 99), -r["nfe"]))
+    rows.sort(key=lambda r: (order.get(r["sampler"].split()[0], 99), r["sampler"], -r["nfe"]))
     lines = ["", "",
              "EDM metrics (family A) for each sampler and number of network evaluations (NFE), checkpoint: "
              + "; ".join(sorted({f"`{r['checkpoint']}`" for r in rows})) + ".",
@@ -263,7 +272,8 @@ def main() -> None:
     w.add_argument("--batch-size", type=int, default=100)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--checkpoint", default=None)
-    w.add_argument("--eta", type=float, default=None, help="noise scale of dpm2m-sde (cells named dpm2m-sde-etaX)")
+    w.add_argument("--eta", type=float, default=None,
+                   help="noise scale of dpm2m-sde (default: its default); cells are named dpm2m-sde-etaX")
     w.add_argument("--device", default="cpu")
     w.add_argument("--force", action="store_true")
     f = sub.add_parser("score-sdf")

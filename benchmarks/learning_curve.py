@@ -6,8 +6,9 @@ hours, molecules scored, sampler, atom / mol stability, validity, where it was m
 
 Usage::
 
-    python benchmarks/generation.py quality --checkpoint W.safetensors --n 1000 --steps 50 --json /tmp/q
-    python benchmarks/learning_curve.py add --steps 14000 --hours 2.9 --json /tmp/q.dpm2m-sde50.json \
+    python benchmarks/generation.py quality --checkpoint W.safetensors --n 1000 --steps 50 --sampler dpm2m-sde \
+        --eta 1 --json /tmp/q
+    python benchmarks/learning_curve.py add --steps 14000 --hours 2.9 --json /tmp/q.dpm2m-sde50.eta1.json \
         --note "session 2026-11-25, 1 thread under load"
     python benchmarks/learning_curve.py plot
 """
@@ -29,6 +30,10 @@ def load() -> list[dict]:
 
 def add(args) -> None:
     cell = json.loads(Path(args.json).read_text())
+    if args.sampler is None:
+        if "sampler" not in cell or "nfe" not in cell:
+            raise SystemExit("error: the cell names no sampler: give --sampler")
+        args.sampler = f"{cell['sampler']} {cell['nfe']}"
     points = [p for p in load() if not (p["steps"] == args.steps and p["n_molecules"] == cell["n_molecules"]
                                         and p["sampler"] == args.sampler)]
     points.append({
@@ -37,7 +42,7 @@ def add(args) -> None:
         "atom_stability": cell["atom_stability"], "mol_stability": cell["mol_stability"],
         "validity": cell["validity"], "note": args.note,
     })
-    points.sort(key=lambda p: (p["steps"], p["n_molecules"], p["sampler"] != "dpm2m-sde 50"))
+    points.sort(key=lambda p: (p["steps"], p["n_molecules"], p["sampler"]))
     POINTS.write_text(json.dumps(points, indent=1) + "\n")
     print(f"{len(points)} points in {POINTS}")
 
@@ -86,7 +91,9 @@ def main() -> None:
     a.add_argument("--steps", type=int, required=True, help="optimizer steps since the start of the run's lineage")
     a.add_argument("--hours", type=float, required=True, help="training wall hours since the start")
     a.add_argument("--json", required=True, help="a cell written by benchmarks/generation.py quality --json")
-    a.add_argument("--sampler", default="dpm2m-sde 50")
+    a.add_argument("--sampler", default=None,
+                   help="the point's sampler label (default: the cell's, e.g. 'dpm2m-sde eta=1 50'; the curve so far is "
+                        "eta 1: score with generation.py quality --eta 1)")
     a.add_argument("--note", default="")
     sub.add_parser("plot")
     args = ap.parse_args()

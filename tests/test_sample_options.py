@@ -144,9 +144,9 @@ def test_written_files_hold_the_scored_coordinates(run_a: Path):
 
 
 def test_keep_valid_writes_only_valid_molecules_from_the_same_run(tmp_path: Path):
-    # 2 steps: with the 142,584-step averaged weights molecules 1 and 7 of these 8 are valid, in fp32 and in bf16
-    # (with 3 steps most seeds give the first three valid, leaving the filter nothing to drop)
-    args = ["--steps", "2", "--seed", "14", "--batch-size", "4", "--n-atoms", "9,12,10"]
+    # 2 steps at eta 1: with the 142,584-step averaged weights molecules 1 and 7 of these 8 are valid, in fp32 and in
+    # bf16 (with 3 steps most seeds give the first three valid, leaving the filter nothing to drop)
+    args = ["--steps", "2", "--seed", "14", "--batch-size", "4", "--n-atoms", "9,12,10", "--eta", "1"]
     ref, out = tmp_path / "all", tmp_path / "v"
     sample(ref, "--n", "8", *args)
     sample(out, "--n", "2", *args, "--keep", "valid")
@@ -182,3 +182,18 @@ def test_keep_stable_cap_hit_writes_what_passed_and_fails_clearly(tmp_path: Path
                                      ["regress", "predict", "m.xyz"], ["regress", "evaluate"], ["sample"]])
 def test_every_model_command_takes_device(command: list[str], tmp_path: Path):
     assert_user_error(invoke(*command, "--device", "quantum", cwd=tmp_path), "unknown --device 'quantum'")
+
+
+def test_eta_reaches_the_sampler(run_a: Path, tmp_path: Path):
+    """--eta changes the molecules (the same seed at eta 1 and at the default draws other positions), and --eta with
+    a sampler that has no noise scale is a one-line error."""
+    from diffgen.diffusion import DEFAULT_ETAS
+
+    assert DEFAULT_ETAS["dpm2m-sde"] != 1.0
+    sample(tmp_path / "e1", "--n", "6", "--steps", "2", "--seed", "11", "--batch-size", "4", "--n-atoms", "9,12,10",
+           "--eta", "1")
+    assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["eta"] == 1.0
+    a, b = read_molecules(run_a / "samples.xyz"), read_molecules(tmp_path / "e1" / "samples.xyz")
+    assert any(not np.allclose(pa, pb, atol=1e-3) for (_, pa), (_, pb) in zip(a, b))
+    assert_one_line_error(run_cli("sample", "--n", "1", "--sampler", "ancestral", "--eta", "2", "--out",
+                                  str(tmp_path / "x")), "--eta applies to the dpm2m-sde sampler only, not --sampler ancestral")

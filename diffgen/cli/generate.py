@@ -211,9 +211,6 @@ def sample(
     counts = parse_atom_counts(n_atoms) if n_atoms is not None else None
     if eta is not None:
         check_eta(eta)
-        if sampler not in DEFAULT_ETAS:
-            raise DiffgenError(f"--eta applies to the {' and '.join(DEFAULT_ETAS)} sampler only, not --sampler "
-                               f"{sampler}")
     if checkpoint is not None:  # a missing shipped default is reported by load() below
         existing_checkpoint(checkpoint)
 
@@ -236,6 +233,8 @@ def sample(
     check_device(device)
     precision = resolve_precision(precision, device)
     get_sampler(sampler)  # validate the name before loading anything
+    if eta is not None and sampler not in DEFAULT_ETAS:
+        raise DiffgenError(f"--eta applies to the {' and '.join(DEFAULT_ETAS)} sampler only, not --sampler {sampler}")
     gen, _ = load(checkpoint, device=device)
     counts = check_atom_counts(counts, gen.node_dist, "--n-atoms")
     check_sampling_budget(n, steps, batch_size, hidden=gen.config.model.hidden)

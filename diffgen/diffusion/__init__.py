@@ -10,19 +10,17 @@ DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm2m-sde", 50
 DEFAULT_ETAS = {"dpm2m-sde": 3.0}
 
 def check_eta(eta) -> float:
-    """``eta`` (the noise scale of the samplers in :data:`DEFAULT_ETAS`) as a float, if it is a finite number >= 0.
+    """``eta`` (the noise scale of the samplers in :data:`DEFAULT_ETAS`) as a float, if it is a finite real number
+    >= 0.
 
     Raises:
-        DiffgenError: anything else (negative, NaN, infinite, a bool, not a number).
+        DiffgenError: anything else (negative, NaN, infinite, a bool, a string or another non-number).
     """
     import math
+    import numbers
 
     from diffgen.errors import DiffgenError
 
-    try:
-        value = float(eta)
-    except (TypeError, ValueError):
-        raise DiffgenError(f"eta must be a number >= 0, got {eta!r}") from None
-    if isinstance(eta, bool) or not math.isfinite(value) or value < 0:
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
         raise DiffgenError(f"eta must be a finite number >= 0, got {eta!r}")
-    return value
+    return float(eta)

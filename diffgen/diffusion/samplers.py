@@ -285,8 +285,8 @@ def sde_dpm_solver_sample(diffusion: VPDiffusion, n_atoms: torch.Tensor, steps: 
                           eta: float = DEFAULT_ETAS["dpm2m-sde"]) -> SampleBatch:
     """Generate molecules with SDE-DPM-Solver++(2M) (stochastic, reduced log-SNR grid; Lu et al. 2022, App. B).
 
-    ``steps`` network evaluations; fresh zero-CoM noise at every step. ``eta``: the noise scale (module
-    docstring; 1 = the published solver, 0 = the ODE solver ``dpm2m``). Other arguments and return as
+    ``steps`` network evaluations; fresh zero-CoM noise at every step for ``eta > 0``. ``eta``: the noise scale
+    (module docstring; 1 = the published solver, 0 = the ODE solver ``dpm2m``). Other arguments and return as
     :func:`ancestral_sample`.
 
     Raises:

@@ -55,8 +55,8 @@ def quality(args) -> None:
     from diffgen.eval.reference import training_smiles
     from diffgen.tasks.generation.build import sample_molecules, sampler_options
 
-    sampler_options(args.sampler, args.eta)  # a bad --eta before loading anything
-    label = _label(args.sampler, args.eta)
+    eta = sampler_options(args.sampler, args.eta).get("eta")  # resolved; a bad --eta fails before loading anything
+    label = _label(args.sampler, eta)
     gen = load_generator(args.checkpoint)
     ref = training_smiles()
     print(f"machine: {machine()}; checkpoint: {gen.source}")
@@ -69,13 +69,13 @@ def quality(args) -> None:
                                 seed=args.seed, sampler=args.sampler, precision=args.precision, eta=args.eta)
         dt = time.perf_counter() - t0
         r = _score(mols, args.n, dt, ref, precision=args.precision, seed=args.seed, sampler=label, nfe=steps,
-                   eta=sampler_options(args.sampler, args.eta).get("eta"))
+                   eta=eta)
         print(f"| {label} | {steps} | {args.n} | {100 * r['atom_stability']:.1f} | {100 * r['mol_stability']:.1f} | "
               f"{100 * r['validity']:.1f} | {100 * r['valid_unique']:.1f} | {100 * r['novelty']:.1f} | "
               f"{args.n / dt:.2f} |", flush=True)
         if args.json:
             tag = "" if args.precision == "fp32" else f".{args.precision}"
-            tag += "".join(f".eta{v:g}" for v in sampler_options(args.sampler, args.eta).values())
+            tag += "" if eta is None else f".eta{eta:g}"
             Path(args.json).with_suffix(f".{args.sampler}{steps}{tag}.json").write_text(json.dumps(r, indent=2))
 
 
@@ -87,12 +87,9 @@ PUBLISHED_EDM = {"atom_stability": 0.987, "mol_stability": 0.820, "validity": 0.
 
 
 def _label(sampler: str, eta: float | None) -> str:
-    """The sampler's name in tables and cell files, with the noise scale it ran at: ``ancestral``,
-    ``dpm2m-sde eta=3`` (``eta`` None: the sampler's default, resolved)."""
-    from diffgen.tasks.generation.build import sampler_options
-
-    resolved = sampler_options(sampler, eta).get("eta")
-    return sampler if resolved is None else f"{sampler} eta={resolved:g}"
+    """The sampler's name in tables and cell files, with the resolved noise scale it ran at (``sampler_options``):
+    ``ancestral`` (None), ``dpm2m-sde eta=3``."""
+    return sampler if eta is None else f"{sampler} eta={eta:g}"
 
 
 def _cell_path(sampler: str, nfe: int) -> Path:
@@ -134,7 +131,7 @@ def sweep(args) -> None:
     CELLS.mkdir(parents=True, exist_ok=True)
     for name in args.samplers:
         for nfe in args.nfe:
-            label = _label(name, eta_of(name))
+            label = _label(name, sampler_options(name, eta_of(name)).get("eta"))
             out = _cell_path(label, nfe)
             if out.exists() and not args.force:
                 print(f"skip {out} (exists; --force to redo)", flush=True)

@@ -222,7 +222,7 @@ def sample(
     from diffgen.eval.chem import sd_tags
     from diffgen.io import write_sdf, write_xyz
     from diffgen.tasks.generation.build import KEEP_CHOICES, MAX_ATTEMPTS_FACTOR, check_atom_counts, \
-        generate_molecules
+        generate_molecules, sampler_options
     from diffgen.tasks.generation.checkpoints import load
 
     if keep not in KEEP_CHOICES:
@@ -276,7 +276,7 @@ def sample(
         write_xyz(path, frames, comments=[f"mol_{k} (diffgen sample {index} seed={seed}) step {s}/{steps}"
                                           for s in range(len(frames))])
     result = dict(run.metrics)
-    eta_used = (DEFAULT_ETAS[sampler] if eta is None else float(eta)) if sampler in DEFAULT_ETAS else None
+    eta_used = sampler_options(sampler, eta).get("eta")
     result.update(seconds=round(seconds, 2), sampler=sampler, eta=eta_used, steps=steps, seed=seed,
                   batch_size=batch_size,
                   atom_counts=n_atoms, keep=keep, kept=len(molecules), attempts=run.attempts,

@@ -9,6 +9,7 @@ DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm2m-sde", 50
 #: eta"). Kept here, free of torch imports, so that the CLI checks ``--eta`` before loading torch.
 DEFAULT_ETAS = {"dpm2m-sde": 3.0}
 
+
 def check_eta(eta) -> float:
     """``eta`` (the noise scale of the samplers in :data:`DEFAULT_ETAS`) as a float, if it is a finite real number
     >= 0.
